@@ -1,0 +1,203 @@
+"""Preparing a whole dataset: read, encode in parallel, count what happened, and cache the result.
+
+The cache is keyed by the conversations themselves, the tokenizer, the template text and the masking
+and length policy, so a second run with the same inputs loads the encoded rows instead of encoding
+them again, and any change to one of those inputs encodes afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+import instructune
+from instructune.data.conversation import Conversation
+from instructune.data.encode import ConversationEncoder, DropRow
+from instructune.data.encoded import EncodedRow, PreparationReport
+from instructune.data.readers import read_conversations
+from instructune.data.templates import add_template_tokens, resolve_template
+
+# Below this many rows, starting worker processes costs more than it saves.
+PARALLEL_MIN_ROWS = 2000
+
+
+@dataclass
+class PreparedDataset:
+    """Encoded rows ready for batching, with the report of how they were made."""
+
+    rows: list[EncodedRow]
+    report: PreparationReport
+    template: str
+    """The Jinja template text the rows were rendered with (saved with checkpoints)."""
+    from_cache: bool = False
+
+
+def default_cache_dir() -> Path:
+    """`$INSTRUCTUNE_CACHE` or `~/.cache/instructune`."""
+    return Path(os.environ.get("INSTRUCTUNE_CACHE", Path.home() / ".cache" / "instructune"))
+
+
+def prepare_dataset(data: str | os.PathLike | list[Conversation], tokenizer, *, template: str | None = None,
+                    data_format: str | None = None, train_on: str = "assistant", max_length: int | None = None,
+                    truncation: str = "keep_response", on_bad_row: str = "error", num_proc: int | None = None,
+                    cache_dir: str | os.PathLike | None | bool = None) -> PreparedDataset:
+    """Read `data`, encode every row with masks, and report; `cache_dir=False` disables the cache.
+
+    A built-in template's missing markers are added to `tokenizer` as special tokens (see
+    `templates.add_template_tokens`); a caller holding a model resizes its embeddings to match.
+    """
+    add_template_tokens(tokenizer, template)
+    template_text = resolve_template(template, tokenizer)
+    report = PreparationReport()
+    if isinstance(data, (str, os.PathLike)):
+        read = read_conversations(data, data_format=data_format, on_bad_row=on_bad_row)
+        conversations = read.conversations
+        report.rows_read = read.rows_read
+        if read.bad_rows:
+            report.count_drop("bad_row", read.bad_rows)
+            report.bad_row_messages = list(read.bad_row_messages)
+    else:
+        conversations = list(enumerate(data))
+        report.rows_read = len(conversations)
+
+    encoder = ConversationEncoder(tokenizer, template_text, train_on=train_on, max_length=max_length,
+                                  truncation=truncation)
+    cache_path = None
+    if cache_dir is not False:
+        key = _cache_key(conversations, tokenizer, template_text, train_on, max_length, truncation)
+        cache_path = Path(cache_dir or default_cache_dir()) / "prepared" / key
+        cached = _load_cache(cache_path, report)
+        if cached is not None:
+            return PreparedDataset(rows=cached, report=report, template=template_text, from_cache=True)
+
+    rows, drops, warnings = encode_conversations(encoder, conversations, num_proc)
+    for reason, n in drops.items():
+        report.count_drop(reason, n)
+    report.warnings = warnings
+    for row in rows:
+        report.add_row(row)
+    if cache_path is not None:
+        _save_cache(cache_path, rows, report)
+    return PreparedDataset(rows=rows, report=report, template=template_text)
+
+
+def encode_conversations(encoder: ConversationEncoder, conversations: list[tuple[int, Conversation]],
+                         num_proc: int | None = None) -> tuple[list[EncodedRow], dict[str, int], dict[str, int]]:
+    """Encode (row, conversation) pairs, in worker processes for large inputs; keeps the input order."""
+    if num_proc is None:
+        num_proc = (os.cpu_count() or 1) if len(conversations) >= PARALLEL_MIN_ROWS else 1
+    if num_proc <= 1 or len(conversations) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return _encode_chunk(encoder, conversations)
+    # Workers are forked, so they inherit the encoder (and its tokenizer) without pickling it.
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = encoder
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    size = max(1, -(-len(conversations) // (num_proc * 4)))
+    chunks = [conversations[i : i + size] for i in range(0, len(conversations), size)]
+    with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+        results = pool.map(_encode_in_worker, chunks)
+    rows, drops, warnings = [], {}, {}
+    for chunk_rows, chunk_drops, chunk_warnings in results:
+        rows.extend(chunk_rows)
+        _merge_counts(drops, chunk_drops)
+        _merge_counts(warnings, chunk_warnings)
+    return rows, drops, warnings
+
+
+_WORKER_ENCODER: ConversationEncoder | None = None
+
+
+def _encode_in_worker(chunk):
+    return _encode_chunk(_WORKER_ENCODER, chunk)
+
+
+def _encode_chunk(encoder: ConversationEncoder, chunk) -> tuple[list[EncodedRow], dict[str, int], dict[str, int]]:
+    rows, drops = [], {}
+    encoder.warnings = {}
+    for index, conv in chunk:
+        try:
+            rows.append(encoder.encode(conv, index))
+        except DropRow as drop:
+            drops[drop.reason] = drops.get(drop.reason, 0) + 1
+    return rows, drops, dict(encoder.warnings)
+
+
+def _merge_counts(into: dict[str, int], counts: dict[str, int]) -> None:
+    for key, n in counts.items():
+        into[key] = into.get(key, 0) + n
+
+
+# -- the cache -----------------------------------------------------------------------------------------
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256((type(tokenizer).__name__ + specials + vocab).encode()).hexdigest()
+
+
+def _cache_key(conversations, tokenizer, template_text: str, train_on: str, max_length, truncation: str) -> str:
+    digest = hashlib.sha256()
+    settings = {"version": instructune.__version__, "train_on": train_on, "max_length": max_length,
+                "truncation": truncation}
+    for part in (json.dumps(settings, sort_keys=True), template_text, _tokenizer_fingerprint(tokenizer)):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    for index, conv in conversations:
+        digest.update(json.dumps([index, asdict(conv)], ensure_ascii=False, default=str).encode())
+    return digest.hexdigest()[:32]
+
+
+def _save_cache(path: Path, rows: list[EncodedRow], report: PreparationReport) -> None:
+    """Write the cache entry into a temporary folder, then rename it into place (never half-written)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+        lengths = np.array([len(r.input_ids) for r in rows], dtype=np.int64)
+        np.savez(
+            tmp / "rows.npz",
+            lengths=lengths,
+            row=np.array([r.row for r in rows], dtype=np.int64),
+            truncated=np.array([r.truncated for r in rows], dtype=np.bool_),
+            input_ids=np.array([t for r in rows for t in r.input_ids], dtype=np.int64),
+            labels=np.array([t for r in rows for t in r.labels], dtype=np.int64),
+            roles=np.array([t for r in rows for t in r.roles], dtype=np.int8),
+        )
+        (tmp / "report.json").write_text(json.dumps(asdict(report)))
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process wrote the same entry first: theirs is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass  # the cache is an optimisation; a read-only or full disk must not stop the run
+
+
+def _load_cache(path: Path, report: PreparationReport) -> list[EncodedRow] | None:
+    try:
+        arrays = np.load(path / "rows.npz", allow_pickle=False)
+        saved = json.loads((path / "report.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    # What reading found (rows read, bad rows) belongs to this run; what encoding found comes from the cache.
+    for key, value in saved.items():
+        if key == "dropped":
+            for reason, n in value.items():
+                if reason != "bad_row":
+                    report.count_drop(reason, n)
+        elif key not in ("rows_read", "bad_row_messages"):
+            setattr(report, key, value)
+    ends = np.cumsum(arrays["lengths"])
+    starts = ends - arrays["lengths"]
+    input_ids, labels, roles = arrays["input_ids"].tolist(), arrays["labels"].tolist(), arrays["roles"].tolist()
+    return [
+        EncodedRow(row=int(r), input_ids=input_ids[s:e], labels=labels[s:e], roles=roles[s:e], truncated=bool(t))
+        for r, s, e, t in zip(arrays["row"].tolist(), starts.tolist(), ends.tolist(), arrays["truncated"].tolist())
+    ]
