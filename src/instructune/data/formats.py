@@ -1,0 +1,317 @@
+"""Dataset formats: turn one raw record (a dict) into a canonical `Conversation`.
+
+Each converter checks the record's own fields and raises `ConversationError` whose `field` names
+the offending part in the record's own terms (`conversations[2].from`, not `messages[3].role`), so
+the reader can point the user at the exact spot in their file.
+
+Formats:
+- `alpaca`: `instruction`, `output`, optional `input`, `system`, `history`.
+- `prompt_completion`: `prompt`, `completion`, each a string or a list of messages; optional `tools`.
+- `messages`: OpenAI-style `messages` list; optional `tools`.
+- `sharegpt`: `conversations` list of `{from, value}` (or `{role, content}`); optional `system`, `tools`.
+- `text`: `text`, a plain document for language modelling.
+
+Extra keys in a record are ignored; extra keys in a message are kept in `Message.extra`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from instructune.data.conversation import ROLES, Conversation, ConversationError, Message
+from instructune.errors import UserError
+
+# The key that marks each format, in the order detection tries them. Order matters for records that
+# carry several: Alpaca dumps often also have a pre-rendered `text`, chat dumps a `prompt` beside
+# `messages`; the structured column is the one to trust.
+DETECTION_KEYS: tuple[tuple[str, str], ...] = (
+    ("messages", "messages"),
+    ("conversations", "sharegpt"),
+    ("instruction", "alpaca"),
+    ("prompt", "prompt_completion"),
+    ("text", "text"),
+)
+
+# What each format needs, for error messages.
+FORMAT_KEYS = {
+    "alpaca": "instruction, output, optional input/system/history",
+    "prompt_completion": "prompt, completion",
+    "messages": "messages",
+    "sharegpt": "conversations",
+    "text": "text",
+}
+
+# The record field that holds the turns, so a conversation-level error (empty, no assistant turn)
+# names a field the user can find in their file.
+TURNS_FIELD = {
+    "alpaca": "output",
+    "prompt_completion": "completion",
+    "messages": "messages",
+    "sharegpt": "conversations",
+    "text": "text",
+}
+
+SHAREGPT_SPEAKERS = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
+    "function_response": "tool",
+}
+
+# Message keys the converters consume; everything else goes to `Message.extra`.
+_MESSAGE_KEYS = {"role", "content", "from", "value", "train", "weight"}
+
+
+def detect_format(record: dict) -> str:
+    """The format of a record, judged from its keys (see `DETECTION_KEYS`); `UserError` if none fits."""
+    if not isinstance(record, dict):
+        raise UserError(f"cannot detect the data format: the record is a {type(record).__name__}, not an object")
+    for key, name in DETECTION_KEYS:
+        if key in record:
+            return name
+    keys = ", ".join(repr(k) for k in record) or "none"
+    known = "; ".join(f"{name} ({keys_})" for name, keys_ in FORMAT_KEYS.items())
+    raise UserError(
+        f"cannot detect the data format from the record's keys ({keys}); known formats: {known}. "
+        "Rename the columns or pass the format explicitly."
+    )
+
+
+def normalize_format_name(name: str) -> str:
+    """The canonical name of a format given by the user (`prompt-completion` -> `prompt_completion`)."""
+    canonical = name.strip().lower().replace("-", "_")
+    if canonical not in CONVERTERS:
+        raise UserError(f"unknown data format {name!r} (expected one of {', '.join(CONVERTERS)})")
+    return canonical
+
+
+def alpaca_to_conversation(record: dict) -> Conversation:
+    """An Alpaca record as system?, history pairs, then user + assistant.
+
+    The user turn is `instruction`, followed by a blank line ("\\n\\n") and `input` when `input` is
+    non-empty: the common convention of Alpaca prompt templates. `history` is a list of
+    `[instruction, response]` pairs that come before the final exchange.
+    """
+    instruction = _required_str(record, "instruction")
+    output = _required_str(record, "output")
+    extra_input = _optional_str(record, "input")
+    messages = _system_messages(record)
+    history = record.get("history")
+    if history is not None:
+        if not isinstance(history, list):
+            raise ConversationError(_type_message("a list of [instruction, response] pairs", history), "history")
+        for i, pair in enumerate(history):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ConversationError("expected an [instruction, response] pair", f"history[{i}]")
+            for j, text in enumerate(pair):
+                if not isinstance(text, str):
+                    raise ConversationError(_type_message("a string", text), f"history[{i}][{j}]")
+            messages += [Message("user", pair[0]), Message("assistant", pair[1])]
+    user = "\n\n".join(part for part in (instruction, extra_input) if part)
+    # The built-in `alpaca` template reads `instruction` and `input` apart, to write the exact
+    # Stanford Alpaca prompt; other templates only see `content`.
+    fields = {"instruction": instruction, "input": extra_input or ""}
+    messages += [Message("user", user, extra=fields), Message("assistant", output)]
+    return Conversation(messages=messages)
+
+
+def prompt_completion_to_conversation(record: dict) -> Conversation:
+    """A prompt/completion record: strings become one user and one assistant message; message lists
+    are concatenated, and assistant turns inside the prompt get `train=False` (only the completion is
+    trained, whatever the prompt's messages say)."""
+    for key in ("prompt", "completion"):
+        if key not in record:
+            raise ConversationError(_missing_message(key, record), key)
+    prompt = _turns(record, "prompt", "user")
+    for message in prompt:
+        if message.role == "assistant":
+            message.train = False
+    completion = _turns(record, "completion", "assistant")
+    return Conversation(messages=prompt + completion, tools=_tools(record))
+
+
+def messages_to_conversation(record: dict) -> Conversation:
+    """An OpenAI-style record: `messages` of {role, content, ...} and optional `tools`."""
+    turns = _turn_list(record, "messages")
+    messages = [_parse_message(m, f"messages[{i}]", roles=None) for i, m in enumerate(turns)]
+    return Conversation(messages=messages, tools=_tools(record))
+
+
+def sharegpt_to_conversation(record: dict) -> Conversation:
+    """A ShareGPT record: `conversations` of {from, value} (speaker names mapped by
+    `SHAREGPT_SPEAKERS`; `{role, content}` also accepted), optional top-level `system` and `tools`."""
+    turns = _turn_list(record, "conversations")
+    messages = [_parse_message(m, f"conversations[{i}]", roles=SHAREGPT_SPEAKERS) for i, m in enumerate(turns)]
+    system = _system_messages(record)
+    if system and messages and messages[0].role == "system":
+        # Two system prompts would leave one silently dropped by most chat templates.
+        raise ConversationError(
+            "the record has a top-level system prompt and also starts with a system turn; keep one", "system"
+        )
+    return Conversation(messages=system + messages, tools=_tools(record))
+
+
+def text_to_conversation(record: dict) -> Conversation:
+    """A plain document: `text`, trained on every token."""
+    return Conversation(text=_required_str(record, "text"))
+
+
+CONVERTERS: dict[str, Callable[[dict], Conversation]] = {
+    "alpaca": alpaca_to_conversation,
+    "prompt_completion": prompt_completion_to_conversation,
+    "messages": messages_to_conversation,
+    "sharegpt": sharegpt_to_conversation,
+    "text": text_to_conversation,
+}
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def _type_message(expected: str, value: Any) -> str:
+    if value is None:
+        return f"expected {expected}, got null"
+    return f"expected {expected}, got {type(value).__name__}"
+
+
+def _missing_message(key: str, record: dict) -> str:
+    keys = ", ".join(repr(k) for k in record) or "none"
+    return f"missing key {key!r} (the record has keys {keys})"
+
+
+def _required_str(record: dict, key: str) -> str:
+    if key not in record:
+        raise ConversationError(_missing_message(key, record), key)
+    value = record[key]
+    if not isinstance(value, str):
+        raise ConversationError(_type_message("a string", value), key)
+    return value
+
+
+def _optional_str(record: dict, key: str) -> str:
+    value = record.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ConversationError(_type_message("a string", value), key)
+    return value
+
+
+def _system_messages(record: dict) -> list[Message]:
+    system = _optional_str(record, "system")
+    return [Message("system", system)] if system else []
+
+
+def _maybe_json(value: Any, key: str) -> Any:
+    # CSV cells (and some Parquet dumps) can only hold strings, so list-valued fields arrive as JSON text.
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError as exc:
+            raise ConversationError(f"expected a list or a JSON string of one; not valid JSON ({exc})", key) from None
+    return value
+
+
+def _turn_list(record: dict, key: str) -> list:
+    if key not in record:
+        raise ConversationError(_missing_message(key, record), key)
+    turns = _maybe_json(record[key], key)
+    if not isinstance(turns, list):
+        raise ConversationError(_type_message("a list of messages", turns), key)
+    return turns
+
+
+def _turns(record: dict, key: str, role_of_string: str) -> list[Message]:
+    """`prompt` or `completion`: a string (one message of `role_of_string`) or a list of messages."""
+    value = record[key]
+    if isinstance(value, str):
+        return [Message(role_of_string, value)]
+    if not isinstance(value, list):
+        raise ConversationError(_type_message("a string or a list of messages", value), key)
+    return [_parse_message(m, f"{key}[{i}]", roles=None) for i, m in enumerate(value)]
+
+
+def _tools(record: dict) -> list[dict[str, Any]] | None:
+    tools = record.get("tools")
+    if tools is None or tools == "":
+        return None
+    tools = _maybe_json(tools, "tools")
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ConversationError(_type_message("a list of tool definitions (objects)", tools), "tools")
+    return tools or None
+
+
+def _parse_message(message: Any, where: str, roles: dict[str, str] | None) -> Message:
+    """One turn. `roles` maps speaker names to canonical roles (ShareGPT); None means OpenAI roles."""
+    if not isinstance(message, dict):
+        raise ConversationError(_type_message("a message object", message), where)
+    if roles is not None and "from" in message:
+        role_key, content_key = "from", "value"
+    else:
+        role_key, content_key = "role", "content"
+    if role_key not in message:
+        raise ConversationError(_missing_message(role_key, message), f"{where}.{role_key}")
+    speaker = message[role_key]
+    if roles is None:
+        role = speaker if speaker in ROLES else None
+        expected = ", ".join(ROLES)
+    else:
+        role = roles.get(speaker.lower()) if isinstance(speaker, str) else None
+        expected = ", ".join(roles)
+    if role is None:
+        kind = "role" if roles is None else "speaker"
+        raise ConversationError(f"unknown {kind} {speaker!r} (expected one of {expected})", f"{where}.{role_key}")
+    if content_key not in message and role != "assistant":
+        raise ConversationError(_missing_message(content_key, message), f"{where}.{content_key}")
+    content = _content(message.get(content_key), role, f"{where}.{content_key}")
+    extra = {k: v for k, v in message.items() if k not in _MESSAGE_KEYS and v is not None}
+    return Message(role, content, train=_train_flag(message, where), extra=extra)
+
+
+def _content(value: Any, role: str, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    # An assistant turn that only calls tools has no text (OpenAI writes null).
+    if value is None and role == "assistant":
+        return ""
+    if isinstance(value, list):
+        parts = []
+        for i, part in enumerate(value):
+            if not isinstance(part, dict):
+                raise ConversationError(_type_message("a content part {type: text, text: ...}", part), f"{where}[{i}]")
+            if part.get("type", "text") != "text":
+                raise ConversationError(
+                    f"unsupported content part type {part['type']!r} (only text is supported)", f"{where}[{i}].type"
+                )
+            if not isinstance(part.get("text"), str):
+                raise ConversationError(_type_message("a string", part.get("text")), f"{where}[{i}].text")
+            parts.append(part["text"])
+        # Chat templates that accept part lists emit the parts back to back, so do the same.
+        return "".join(parts)
+    raise ConversationError(_type_message("a string", value), where)
+
+
+def _train_flag(message: dict, where: str) -> bool | None:
+    """`train: bool` as given, else LLaMA-Factory's `weight: 0|1`; `train` wins when both are present."""
+    train = message.get("train")
+    if train is not None:
+        if not isinstance(train, bool):
+            raise ConversationError(f"train must be true or false, got {train!r}", f"{where}.train")
+        return train
+    weight = message.get("weight")
+    if weight is None:
+        return None
+    if isinstance(weight, (bool, int, float)) and weight in (0, 1):
+        return bool(weight)
+    raise ConversationError(f"weight must be 0 or 1, got {weight!r}", f"{where}.weight")
