@@ -1,0 +1,249 @@
+"""The selective-head masked loss equals the full-logits loss, and token normalisation is exact (rules 11-12)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from instructune import IGNORE_INDEX
+from instructune.data.batching import collate_packed, collate_padded
+from instructune.loss import (
+    _body_inputs,
+    count_targets,
+    masked_lm_loss,
+    row_mean_sum,
+    row_target_counts,
+    step_normalizer,
+    step_row_count,
+    token_losses,
+)
+from instructune.testing import make_tiny_model
+
+VOCAB = 64
+
+
+def _tiny(family: str):
+    """A tiny randomly initialised causal LM of the given family, fp32."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+    if family == "llama":
+        return make_tiny_model(VOCAB)
+    if family == "llama_tied":
+        return make_tiny_model(VOCAB, tie_word_embeddings=True)
+    if family == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common)).float()
+    if family == "gemma3":
+        # A cap well below the raw logits so the tanh bends them; sliding window shorter than the rows.
+        config = tf.Gemma3TextConfig(**common, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+                                     layer_types=["sliding_attention", "full_attention"],
+                                     final_logit_softcapping=0.25)
+        return tf.Gemma3ForCausalLM(config).float()
+    if family == "cohere":
+        return tf.CohereForCausalLM(tf.CohereConfig(**common, logit_scale=4.0)).float()
+    if family == "granite":
+        return tf.GraniteForCausalLM(tf.GraniteConfig(**common, logits_scaling=4.0)).float()
+    raise ValueError(family)
+
+
+def _rows(lengths, seed: int = 0, prompt_fraction: float = 0.5) -> list[dict]:
+    """Random rows whose first part is prompt (-100) and the rest response."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for length in lengths:
+        ids = torch.randint(3, VOCAB, (length,), generator=gen).tolist()
+        prompt = max(1, int(length * prompt_fraction))
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return rows
+
+
+def _full_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: every position through the model's own head, then shifted cross-entropy (sum)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    flat_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    targets = batch["labels"][:, 1:].reshape(-1)
+    loss = F.cross_entropy(flat_logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    scored = targets != IGNORE_INDEX
+    correct = (flat_logits[scored].argmax(-1) == targets[scored]).sum()
+    return loss, correct
+
+
+def _loss_and_grads(model, loss_fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def _assert_same(a, b, atol=1e-5, rtol=1e-5):
+    loss_a, grads_a = a
+    loss_b, grads_b = b
+    torch.testing.assert_close(loss_a, loss_b, atol=atol, rtol=rtol)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=atol, rtol=rtol, msg=name)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_tied", "qwen2", "gemma3", "cohere", "granite"])
+@pytest.mark.parametrize("max_chunk_tokens", [4096, 5])
+def test_selective_head_equals_full_logits(family, max_chunk_tokens):
+    model = _tiny(family)
+    batch = collate_padded(_rows([7, 12, 4, 10]), pad_token_id=0)
+    reference = _loss_and_grads(model, lambda: _full_loss(model, batch)[0])
+    selective = _loss_and_grads(
+        model, lambda: masked_lm_loss(model, batch, max_chunk_tokens=max_chunk_tokens).loss_sum)
+    _assert_same(reference, selective)
+    assert len(selective[1]) == len(list(model.parameters()))  # every parameter got its gradient
+
+
+def test_softcapping_is_applied_not_skipped():
+    model = _tiny("gemma3")
+    batch = collate_padded(_rows([9, 11]), pad_token_id=0)
+    with torch.no_grad():
+        capped = masked_lm_loss(model, batch).loss_sum
+        model.config.final_logit_softcapping = None
+        uncapped = masked_lm_loss(model, batch).loss_sum
+    assert abs(float(capped) - float(uncapped)) > 1e-3
+
+
+@pytest.mark.parametrize("max_chunk_tokens", [4096, 3])
+def test_accuracy_counts_argmax_hits(max_chunk_tokens):
+    model = _tiny("llama")
+    batch = collate_padded(_rows([8, 13, 6]), pad_token_id=0)
+    _, expected = _full_loss(model, batch)
+    out = masked_lm_loss(model, batch, compute_accuracy=True, max_chunk_tokens=max_chunk_tokens)
+    assert int(out.num_correct) == int(expected)
+    assert masked_lm_loss(model, batch).num_correct is None
+
+
+def test_lora_model_goes_through_the_base_model():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_tiny("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # non-zero B so the adapters change the output
+            torch.nn.init.normal_(param, std=0.1)
+    batch = collate_padded(_rows([6, 9]), pad_token_id=0)
+    _assert_same(_loss_and_grads(model, lambda: _full_loss(model, batch)[0]),
+                 _loss_and_grads(model, lambda: masked_lm_loss(model, batch, max_chunk_tokens=2).loss_sum))
+
+
+def test_token_losses_are_per_target_in_row_major_order():
+    model = _tiny("llama")
+    batch = collate_padded(_rows([5, 9, 7]), pad_token_id=0)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    expected = F.cross_entropy(logits[:, :-1][targets != IGNORE_INDEX], targets[targets != IGNORE_INDEX],
+                               reduction="none")
+    with torch.no_grad():
+        chunked = token_losses(model, batch, max_chunk_tokens=2)
+    torch.testing.assert_close(token_losses(model, batch), expected)
+    torch.testing.assert_close(chunked, expected.detach())
+    assert chunked.shape == (count_targets(batch["labels"]),)
+
+
+@pytest.mark.parametrize("max_chunk_tokens", [4096, 1])
+def test_batch_without_targets_gives_zero_and_finite_gradients(max_chunk_tokens):
+    model = _tiny("llama")
+    batch = collate_padded(_rows([6, 8], prompt_fraction=1.0), pad_token_id=0)
+    assert count_targets(batch["labels"]) == 0
+    out = masked_lm_loss(model, batch, compute_accuracy=True, max_chunk_tokens=max_chunk_tokens)
+    assert out.num_targets == 0 and float(out.loss_sum.detach()) == 0.0 and int(out.num_correct) == 0
+    model.zero_grad(set_to_none=True)
+    out.loss_sum.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() and not g.any() for g in grads)
+
+
+LENGTHS = [5, 17, 9, 3, 12, 20, 7, 14]
+
+
+def _accumulate(model, micro_batches, **kwargs):
+    """One optimizer step's loss and gradients under token normalisation (rule 11)."""
+    normalizer = step_normalizer(micro_batches)
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for batch in micro_batches:
+        loss = masked_lm_loss(model, batch, **kwargs).loss_sum / normalizer
+        loss.backward()
+        total += float(loss.detach())
+    return torch.tensor(total), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _split(rows, size, collate=collate_padded):
+    return [collate(rows[i:i + size], pad_token_id=0) for i in range(0, len(rows), size)]
+
+
+@pytest.mark.parametrize("max_chunk_tokens", [4096, 6])
+def test_token_normalisation_is_invariant_to_micro_batching(max_chunk_tokens):
+    model = _tiny("llama")
+    rows = _rows(LENGTHS, prompt_fraction=0.4)
+    one_of_8 = _accumulate(model, _split(rows, 8), max_chunk_tokens=max_chunk_tokens)
+    _assert_same(one_of_8, _accumulate(model, _split(rows, 1), max_chunk_tokens=max_chunk_tokens))
+    _assert_same(one_of_8, _accumulate(model, _split(rows, 4), max_chunk_tokens=max_chunk_tokens))
+    _assert_same(one_of_8, _accumulate(model, _split(rows, 3, collate_packed), max_chunk_tokens=max_chunk_tokens))
+    # Two "ranks" of 4 rows: each rank's sum over the globally summed (all-reduced) target count.
+    ranks = _split(rows, 4)
+    assert step_normalizer(ranks[:1]) + step_normalizer(ranks[1:]) == step_normalizer(_split(rows, 8))
+
+
+def test_mean_of_micro_batch_means_is_the_bug_normalisation_prevents():
+    model = _tiny("llama")
+    rows = _rows(LENGTHS, prompt_fraction=0.4)
+    correct = _accumulate(model, _split(rows, 8))[0]
+    micro = _split(rows, 1)
+    with torch.no_grad():
+        naive = sum(float(masked_lm_loss(model, b).loss_sum) / count_targets(b["labels"]) for b in micro) / len(micro)
+    assert abs(naive - float(correct)) > 1e-3
+
+
+@pytest.mark.parametrize("collate", [collate_padded, collate_packed])
+def test_sequence_normalisation_is_the_mean_of_per_row_means(collate):
+    model = _tiny("llama")
+    rows = _rows(LENGTHS, prompt_fraction=0.4)
+    with torch.no_grad():
+        per_row_means = [float(masked_lm_loss(model, collate_padded([r], 0)).loss_sum)
+                         / count_targets(collate_padded([r], 0)["labels"]) for r in rows]
+    expected = sum(per_row_means) / len(per_row_means)
+    for size in (8, 3, 1):
+        micro = _split(rows, size, collate)
+        total = sum(row_mean_sum(masked_lm_loss(model, b, per_row=True)) for b in micro) / step_row_count(micro)
+        assert abs(float(total.detach()) - expected) < 1e-5
+    out = masked_lm_loss(model, collate(rows, pad_token_id=0), per_row=True)
+    torch.testing.assert_close(out.row_num_targets, row_target_counts(collate(rows, pad_token_id=0)))
+    torch.testing.assert_close(out.row_loss_sums.sum(), out.loss_sum)
+
+
+def test_step_normalizer_counts_shifted_targets():
+    batch = collate_padded([{"input_ids": [1, 2, 3, 4], "labels": [1, -100, 3, 4]},
+                            {"input_ids": [5, 6], "labels": [5, 6]}], pad_token_id=0)
+    # The first label of a row is never a target after the shift.
+    assert count_targets(batch["labels"]) == 3
+    assert step_normalizer([batch, batch]) == 6
+    assert row_target_counts(batch).tolist() == [2, 1]
+
+
+def test_packed_batch_inputs_for_each_attention_implementation():
+    batch = collate_packed(_rows([3, 5]), pad_token_id=0)
+    sdpa = _body_inputs(batch, "sdpa")
+    assert "attention_mask" not in sdpa and "cu_seq_lens_q" not in sdpa
+    assert sdpa["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
+    flash = _body_inputs(batch, "flash_attention_2")
+    assert flash["cu_seq_lens_q"].tolist() == [0, 3, 8] and flash["max_length_q"] == 5
+    assert flash["cu_seq_lens_q"].dtype == torch.int32
+    with pytest.raises(ValueError, match="attention_mask"):
+        _body_inputs({**batch, "attention_mask": torch.ones_like(batch["input_ids"])}, "sdpa")
+
+
+def test_chunked_head_in_bf16_matches_unchunked():
+    # The GPU dtype: logits are upcast to fp32 and the head gradient comes back in the weight's dtype.
+    model = _tiny("llama").to(torch.bfloat16)
+    batch = collate_padded(_rows([9, 14]), pad_token_id=0)
+    whole = _loss_and_grads(model, lambda: masked_lm_loss(model, batch).loss_sum)
+    chunked = _loss_and_grads(model, lambda: masked_lm_loss(model, batch, max_chunk_tokens=4).loss_sum)
+    assert whole[0].dtype == chunked[0].dtype == torch.float32
+    assert all(g.dtype == torch.bfloat16 for g in chunked[1].values())
+    _assert_same(whole, chunked, atol=2e-2, rtol=2e-2)
