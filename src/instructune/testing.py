@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -23,7 +23,7 @@ _TRAINING_TEXT = [
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tiny_tokenizer_json(vocab_size: int) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
