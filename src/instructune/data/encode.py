@@ -27,7 +27,6 @@ from instructune.data.truncate import truncate_row
 TRAIN_ON = ("assistant", "last", "all")
 TRUNCATION = ("keep_response", "keep_start", "drop")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
-_WHITESPACE = re.compile(r"\s+")
 
 
 class DropRow(Exception):
@@ -257,7 +256,7 @@ class ConversationEncoder:
         if not token_ids:
             raise DropRow("empty_span", f"message {span.index} maps to no tokens")
         decoded = self.tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        if _WHITESPACE.sub("", span.content) not in _WHITESPACE.sub("", decoded):
+        if "".join(span.content.split()) not in "".join(decoded.split()):
             raise DropRow("decode_mismatch", f"the trained tokens of message {span.index} do not decode to its content")
 
 

@@ -70,3 +70,13 @@ class PreparationReport:
             if label != -100:
                 self.tokens_trained += 1
                 self.trained_per_role[name] = self.trained_per_role.get(name, 0) + 1
+
+    def merge(self, other: PreparationReport) -> None:
+        """Add the counts of `other` (a report of another part of the same dataset) to this one."""
+        for name in ("rows_kept", "truncated", "tokens_total", "tokens_trained"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("dropped", "tokens_per_role", "trained_per_role", "warnings"):
+            mine = getattr(self, name)
+            for key, n in getattr(other, name).items():
+                mine[key] = mine.get(key, 0) + n
+        self.lengths.extend(other.lengths)

@@ -78,61 +78,62 @@ def prepare_dataset(data: str | os.PathLike | list[Conversation], tokenizer, *, 
         if cached is not None:
             return PreparedDataset(rows=cached, report=report, template=template_text, from_cache=True)
 
-    rows, drops, warnings = encode_conversations(encoder, conversations, num_proc)
-    for reason, n in drops.items():
-        report.count_drop(reason, n)
-    report.warnings = warnings
-    for row in rows:
-        report.add_row(row)
+    rows, encoding_report = encode_conversations(encoder, conversations, num_proc)
+    report.merge(encoding_report)
     if cache_path is not None:
         _save_cache(cache_path, rows, report)
     return PreparedDataset(rows=rows, report=report, template=template_text)
 
 
 def encode_conversations(encoder: ConversationEncoder, conversations: list[tuple[int, Conversation]],
-                         num_proc: int | None = None) -> tuple[list[EncodedRow], dict[str, int], dict[str, int]]:
-    """Encode (row, conversation) pairs, in worker processes for large inputs; keeps the input order."""
+                         num_proc: int | None = None) -> tuple[list[EncodedRow], PreparationReport]:
+    """Encode (row, conversation) pairs, in worker processes for large inputs; keeps the input order.
+
+    Returns the kept rows and a report of the encoding (kept, dropped by reason, tokens, warnings).
+    """
     if num_proc is None:
         num_proc = (os.cpu_count() or 1) if len(conversations) >= PARALLEL_MIN_ROWS else 1
     if num_proc <= 1 or len(conversations) < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        return _encode_chunk(encoder, conversations)
-    # Workers are forked, so they inherit the encoder (and its tokenizer) without pickling it.
-    global _WORKER_ENCODER
-    _WORKER_ENCODER = encoder
+        return _encode_range(encoder, conversations, 0, len(conversations))
+    # Workers are forked, so they inherit the encoder and the conversations without pickling them;
+    # each one encodes a range and counts its own part of the report.
+    global _WORKER_STATE
+    _WORKER_STATE = (encoder, conversations)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     size = max(1, -(-len(conversations) // (num_proc * 4)))
-    chunks = [conversations[i : i + size] for i in range(0, len(conversations), size)]
-    with multiprocessing.get_context("fork").Pool(num_proc) as pool:
-        results = pool.map(_encode_in_worker, chunks)
-    rows, drops, warnings = [], {}, {}
-    for chunk_rows, chunk_drops, chunk_warnings in results:
-        rows.extend(chunk_rows)
-        _merge_counts(drops, chunk_drops)
-        _merge_counts(warnings, chunk_warnings)
-    return rows, drops, warnings
+    ranges = [(i, min(i + size, len(conversations))) for i in range(0, len(conversations), size)]
+    try:
+        with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+            results = pool.starmap(_encode_in_worker, ranges)
+    finally:
+        _WORKER_STATE = None
+    rows, report = [], PreparationReport()
+    for part_rows, part_report in results:
+        rows.extend(part_rows)
+        report.merge(part_report)
+    return rows, report
 
 
-_WORKER_ENCODER: ConversationEncoder | None = None
+_WORKER_STATE: tuple[ConversationEncoder, list] | None = None
 
 
-def _encode_in_worker(chunk):
-    return _encode_chunk(_WORKER_ENCODER, chunk)
+def _encode_in_worker(start: int, end: int):
+    encoder, conversations = _WORKER_STATE
+    return _encode_range(encoder, conversations, start, end)
 
 
-def _encode_chunk(encoder: ConversationEncoder, chunk) -> tuple[list[EncodedRow], dict[str, int], dict[str, int]]:
-    rows, drops = [], {}
-    encoder.warnings = {}
-    for index, conv in chunk:
+def _encode_range(encoder: ConversationEncoder, conversations, start: int, end: int):
+    rows, report = [], PreparationReport()
+    encoder.warnings = report.warnings
+    for index, conv in conversations[start:end]:
         try:
-            rows.append(encoder.encode(conv, index))
+            row = encoder.encode(conv, index)
         except DropRow as drop:
-            drops[drop.reason] = drops.get(drop.reason, 0) + 1
-    return rows, drops, dict(encoder.warnings)
-
-
-def _merge_counts(into: dict[str, int], counts: dict[str, int]) -> None:
-    for key, n in counts.items():
-        into[key] = into.get(key, 0) + n
+            report.count_drop(drop.reason)
+            continue
+        rows.append(row)
+        report.add_row(row)
+    return rows, report
 
 
 # -- the cache -----------------------------------------------------------------------------------------
