@@ -1,0 +1,165 @@
+"""Where the numbers of a run go: `metrics.jsonl`, TensorBoard when installed, a loss-curve PNG.
+
+`metrics.jsonl` holds one JSON object per line: one per optimizer step (`"split": "train"`) and
+one per evaluation (`"split": "eval"`). Each line is flushed as it is written, so a killed run
+keeps every step it finished; on resume the lines after the checkpoint's step are dropped, so the
+file continues exactly where the checkpoint stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every complete record of a run's `metrics.jsonl` (a half-written last line is ignored)."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # the tail a kill cut short
+    return records
+
+
+class MetricsLogger:
+    """Appends metric records to `metrics.jsonl` and, when `tensorboard` is installed, to TensorBoard."""
+
+    def __init__(self, output_dir: str | os.PathLike, *, resume_step: int | None = None):
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / METRICS_FILE
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            self._truncate_after(resume_step)
+        self._file = self.path.open("a", encoding="utf-8")
+        self._tensorboard = _open_tensorboard(self.output_dir)
+
+    def _truncate_after(self, step: int) -> None:
+        """Keep the records up to `step`: steps after it are about to be trained again."""
+        kept = [r for r in read_metrics(self.output_dir) if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Write one record (it must carry `step` and `split`)."""
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tensorboard is not None:
+            split = record.get("split", "train")
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self._tensorboard.add_scalar(f"{split}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        """Flush and close the outputs."""
+        self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def _open_tensorboard(output_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+
+def plot_losses(output_dir: str | os.PathLike) -> Path | None:
+    """Draw the training (and evaluation) loss against the step into `loss.png`; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is the optional `plot` extra
+        return None
+    records = read_metrics(output_dir)
+    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train" and _finite(r.get("loss"))]
+    evals = [(r["step"], r["loss"]) for r in records if r.get("split") == "eval" and _finite(r.get("loss"))]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), label="eval", marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (response tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(output_dir) / PLOT_FILE
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+class ProgressReporter:
+    """A progress bar (loss, tokens/s, ETA) on a terminal; elsewhere a line every `log_every` steps."""
+
+    def __init__(self, console, total_steps: int, start_step: int, start_tokens: int, log_every: int):
+        self.console = console
+        self.total = total_steps
+        self.start_step = start_step
+        self.start_tokens = start_tokens
+        self.log_every = log_every
+        self.started = time.perf_counter()
+        self.bar = None
+        if console.is_terminal and start_step < total_steps:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
+                TextColumn("ETA"), TimeRemainingColumn(), console=console,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=total_steps, completed=start_step, loss="-", speed="-")
+
+    def update(self, step: int, record: dict[str, Any]) -> None:
+        """Show the state after optimizer step `step` (1-based) from its metrics record."""
+        elapsed = time.perf_counter() - self.started
+        speed = (record["tokens"] - self.start_tokens) / max(elapsed, 1e-9)  # this session's average
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=f"{record['loss']:.4f}", speed=f"{speed:,.0f}")
+        elif step % self.log_every == 0 or step == self.total:
+            eta = elapsed / (step - self.start_step) * (self.total - step)
+            self.console.print(
+                f"step {step}/{self.total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                f"grad_norm {record['grad_norm']:.3f}  {speed:,.0f} tok/s  elapsed {_clock(record['elapsed_s'])}"
+                f"  ETA {_clock(eta)}", markup=False, highlight=False, soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        """Print a line (above the bar, when there is one)."""
+        self.console.print(text, markup=False, highlight=False)
+
+    def close(self) -> None:
+        """Stop the bar."""
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _clock(seconds: float) -> str:
+    """`m:ss`, or `h:mm:ss` from an hour on."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return f"{seconds // 60}:{seconds % 60:02d}"

@@ -1,0 +1,77 @@
+"""Which rows each optimizer step trains on, and what the step's summed loss is divided by.
+
+Both are pure functions of their inputs, so a resumed run recomputes exactly the batches and the
+denominators the interrupted run would have used.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+import torch
+
+from instructune.config import TrainConfig
+from instructune.data.batching import length_grouped_batches, pack_rows
+from instructune.loss import step_normalizer, step_row_count
+
+
+class StepPlan:
+    """The micro-batches of every optimizer step, as row indices: a pure function of (seed, epoch, step).
+
+    Each epoch's micro-batches come from length-grouped shuffled blocks (or packed bins with
+    `packing`); a step takes `grad_accum` of them per rank, and an epoch's last step may take fewer.
+    With `max_steps` beyond the data, epochs simply continue. Ranks: a step takes
+    `grad_accum * world_size` micro-batches and rank r keeps every `world_size`-th from the r-th on
+    (1 and 0 here: nothing distributed runs yet).
+    """
+
+    def __init__(self, lengths: list[int], config: TrainConfig, *, world_size: int = 1, rank: int = 0):
+        self.lengths = lengths
+        self.config = config
+        self.world_size, self.rank = world_size, rank
+        self.per_step = config.grad_accum * world_size
+        self._cached: tuple[int, list[list[int]]] | None = None  # the epoch in use and its batches
+        self._steps_in_epoch: dict[int, int] = {}
+        self._first_step = [0]  # the first step of each epoch, extended as epochs are reached
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The micro-batches of one epoch (all ranks), in order."""
+        if self._cached is None or self._cached[0] != epoch:
+            c = self.config
+            if c.packing:
+                # A packed micro-batch holds as many tokens as a full padded one would.
+                budget = c.batch_size * (c.max_length or max(self.lengths))
+                batches = pack_rows(self.lengths, budget, seed=c.seed, epoch=epoch)
+            else:
+                batches = length_grouped_batches(self.lengths, c.batch_size, seed=c.seed, epoch=epoch)
+            self._cached = (epoch, batches)
+        return self._cached[1]
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Optimizer steps in one epoch."""
+        if epoch not in self._steps_in_epoch:
+            self._steps_in_epoch[epoch] = math.ceil(len(self.epoch_batches(epoch)) / self.per_step)
+        return self._steps_in_epoch[epoch]
+
+    def total_steps(self) -> int:
+        """Steps of the whole run: `max_steps`, or every step of `epochs` epochs."""
+        if self.config.max_steps is not None:
+            return self.config.max_steps
+        return sum(self.steps_in_epoch(epoch) for epoch in range(self.config.epochs))
+
+    def step(self, step: int) -> tuple[int, list[list[int]]]:
+        """(epoch, this rank's micro-batches) of optimizer step `step` (0-based)."""
+        while self._first_step[-1] <= step:
+            self._first_step.append(self._first_step[-1] + self.steps_in_epoch(len(self._first_step) - 1))
+        epoch = bisect.bisect_right(self._first_step, step) - 1
+        start = (step - self._first_step[epoch]) * self.per_step
+        return epoch, self.epoch_batches(epoch)[start:start + self.per_step][self.rank::self.world_size]
+
+
+def step_denominator(batches: list[dict[str, torch.Tensor]], normalization: str) -> int:
+    """What the step's summed loss is divided by: its target count (token) or row count (sequence).
+
+    The single place the denominator is computed; under data parallelism it becomes an all-reduce.
+    """
+    return step_normalizer(batches) if normalization == "token" else step_row_count(batches)

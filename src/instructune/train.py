@@ -1,0 +1,398 @@
+"""The training loop: prepare the data, build the model, run optimizer steps, evaluate, checkpoint.
+
+`setup_run` does everything before the first step (data, model, optimizer, resume) and `fit` runs
+the steps; `train` is the two together. One optimizer step:
+
+1. take the step's micro-batches, a pure function of (seed, epoch, step) (`step_plan.StepPlan`), so a
+   resumed run trains on exactly the batches the interrupted one would have;
+2. count the step's targets once, over all its micro-batches (`step_plan.step_denominator`; the one
+   place a data-parallel version all-reduces);
+3. for each micro-batch: the selective-head loss *sum* divided by that count, backward;
+4. clip, set the scheduled learning rate, AdamW step; one host sync to read the loss.
+
+Ranks: `StepPlan` takes `world_size`/`rank` (1/0) and hands each rank its share of every step's
+micro-batches; a distributed runner adds the all-reduce in `step_denominator` (and DDP's gradient
+all-reduce). Nothing distributed runs yet.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from instructune.checkpoint import (
+    CONFIG_FILE,
+    latest_checkpoint,
+    load_optimizer_state,
+    load_trainer_state,
+    quiet_saving,
+    remove_leftovers,
+    restore_rng,
+    save_checkpoint,
+)
+from instructune.config import (
+    DEFAULT_WARMUP_FRACTION,
+    FIELD_NAMES,
+    TrainConfig,
+    config_to_yaml,
+    load_config,
+    save_config,
+)
+from instructune.data.batching import collate_packed, collate_padded
+from instructune.data.encoded import EncodedRow
+from instructune.errors import UserError
+from instructune.loss import masked_lm_loss, row_mean_sum, step_normalizer
+from instructune.metrics import METRICS_FILE, MetricsLogger, ProgressReporter, plot_losses
+from instructune.optim import build_optimizer, default_warmup_steps, lr_at, set_lr
+from instructune.step_plan import StepPlan, step_denominator
+
+RUN_FILES = ("config.yaml", METRICS_FILE, "loss.png", "tensorboard", "merged")
+"""What a run writes into its output folder besides checkpoints (removed by `overwrite: true`)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Setting up a run
+
+@dataclass
+class TrainingRun:
+    """Everything `fit` needs, built by `setup_run`."""
+
+    config: TrainConfig
+    """The resolved configuration (no nulls left that have a default)."""
+    output_dir: Path
+    model: torch.nn.Module
+    tokenizer: object
+    template: str
+    """The Jinja chat template text the data was rendered with (saved with every checkpoint)."""
+    train_rows: list[EncodedRow]
+    eval_rows: list[EncodedRow]
+    optimizer: torch.optim.Optimizer
+    plan: StepPlan
+    device: torch.device
+    start_step: int = 0
+    state: dict = field(default_factory=dict)
+    """Counters carried across resumes: tokens, trained_tokens, elapsed_s."""
+    resumed_from: Path | None = None
+
+
+def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    """The device and weight dtype: fp32 on CPU, bf16 on CUDA unless the config says otherwise."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda was asked for, but no CUDA device is available")
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    if config.dtype == "auto":
+        return device, torch.bfloat16 if use_cuda else torch.float32
+    return device, getattr(torch, config.dtype)
+
+
+def _prepare_output_dir(config: TrainConfig, output_dir: Path, console) -> Path | None:
+    """Make the output folder ready; return the checkpoint to resume from, if any."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(output_dir)
+    latest = latest_checkpoint(output_dir)
+    if config.resume:
+        if latest is None:
+            console.print(f"resume: no complete checkpoint in {output_dir}, starting from the beginning")
+        return latest
+    has_run = latest is not None or (output_dir / METRICS_FILE).exists()
+    if has_run and not config.overwrite:
+        raise UserError(
+            f"{output_dir} already holds a run; pass resume=true to continue it, overwrite=true to start "
+            "it again, or output_dir=... for a new one")
+    if has_run:
+        for entry in output_dir.iterdir():
+            if entry.name.startswith("checkpoint-") or entry.name in RUN_FILES:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    return None
+
+
+def _split_rows(rows: list[EncodedRow], config: TrainConfig) -> tuple[list[EncodedRow], list[EncodedRow]]:
+    """Hold out `eval_fraction` of the rows (chosen by the seed alone) for evaluation."""
+    if config.eval_fraction == 0 or len(rows) < 2:
+        return rows, []
+    count = min(max(1, round(len(rows) * config.eval_fraction)), len(rows) - 1)
+    order = list(range(len(rows)))
+    random.Random(f"instructune-split-{config.seed}").shuffle(order)
+    held = set(order[:count])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def prepare_splits(config: TrainConfig, tokenizer, console) -> tuple[list[EncodedRow], list[EncodedRow], str]:
+    """Encode the training (and evaluation) data; returns (train rows, eval rows, template text)."""
+    from instructune.data.prepare import prepare_dataset
+
+    options = dict(template=config.template, data_format=config.format, train_on=config.train_on,
+                   max_length=config.max_length, truncation=config.truncation, on_bad_row=config.on_bad_row,
+                   num_proc=config.num_proc)
+    prepared = prepare_dataset(config.data, tokenizer, **options)
+    _print_report(console, config.data, prepared.report)
+    if config.eval_data:
+        evaluation = prepare_dataset(config.eval_data, tokenizer, **options)
+        _print_report(console, config.eval_data, evaluation.report)
+        return prepared.rows, evaluation.rows, prepared.template
+    train_rows, eval_rows = _split_rows(prepared.rows, config)
+    return train_rows, eval_rows, prepared.template
+
+
+def _print_report(console, source: str, report) -> None:
+    dropped = sum(report.dropped.values())
+    detail = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items()))
+    console.print(
+        f"data {source}: {report.rows_kept:,} of {report.rows_read:,} rows kept"
+        + (f" ({dropped:,} dropped: {detail})" if dropped else "")
+        + f", {report.tokens_total:,} tokens, {report.trained_fraction:.0%} trained", markup=False, highlight=False)
+
+
+def build_model(config: TrainConfig, tokenizer, template: str, device: torch.device, dtype: torch.dtype,
+                resume_from: Path | None):
+    """Load the model (from the checkpoint when resuming full fine-tuning), fit it to the tokenizer, add LoRA."""
+    from instructune.data.templates import end_of_turn_token_ids
+    from instructune.model import load_model
+
+    full_checkpoint = resume_from is not None and config.lora is None
+    source = str(resume_from) if full_checkpoint else config.model
+    model = load_model(source, device=str(device), dtype=dtype, trust_remote_code=config.trust_remote_code)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))  # a built-in template added its markers
+    # Saved checkpoints then stop `generate` at the end of a turn, not only at EOS.
+    model.generation_config.eos_token_id = end_of_turn_token_ids(tokenizer, template)
+    if tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if device.type == "cuda" and config.packing and importlib.util.find_spec("flash_attn") is not None:
+        # Padding-free packing: the loss hands flash-attention the row boundaries (varlen kernel), so no
+        # mask is built at all. Without flash-attn, sdpa gets a block-diagonal mask from the positions.
+        model.set_attn_implementation("flash_attention_2")
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if config.lora is not None:
+        from instructune.lora import apply_lora
+
+        model = apply_lora(model, config.lora)
+        if config.gradient_checkpointing:
+            model.enable_input_require_grads()
+        if resume_from is not None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(str(resume_from / "adapter_model.safetensors"),
+                                                       device=str(device)))
+    model.train()
+    return model
+
+
+def resolve_config(config: TrainConfig, name: str, total_steps: int | None = None) -> TrainConfig:
+    """Fill the defaults that depend on other keys: tokenizer, lr, output_dir, warmup_steps."""
+    resolved = replace(config, tokenizer=config.tokenizer or config.model, lr=config.effective_lr,
+                       output_dir=config.output_dir or str(Path("runs") / name))
+    if total_steps is not None and resolved.warmup_steps is None:
+        resolved = replace(resolved, warmup_steps=default_warmup_steps(total_steps, DEFAULT_WARMUP_FRACTION))
+    return resolved
+
+
+def setup_run(config: TrainConfig, *, name: str = "default", console=None) -> TrainingRun:
+    """Prepare data, model and optimizer, and load the latest checkpoint when resuming."""
+    from rich.console import Console
+
+    from instructune.model import load_tokenizer
+
+    console = console or Console(highlight=False, soft_wrap=True)
+    if not config.data:
+        raise UserError("'data' is not set: give the training data in the config or as data=PATH")
+    config = resolve_config(config, name)
+    output_dir = Path(config.output_dir)
+    resume_from = _prepare_output_dir(config, output_dir, console)
+    device, dtype = resolve_device(config)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+
+    tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
+    train_rows, eval_rows, template = prepare_splits(config, tokenizer, console)
+    if not train_rows:
+        raise UserError(f"{config.data}: no row left to train on")
+    tokenizer.chat_template = template  # checkpoints chat with the template they were trained with
+    plan = StepPlan([len(r) for r in train_rows], config)
+    config = resolve_config(config, name, plan.total_steps())  # the plan reads no key this changes
+
+    model = build_model(config, tokenizer, template, device, dtype, resume_from)
+    optimizer = build_optimizer(model, config.lr, config.weight_decay)
+    run = TrainingRun(config=config, output_dir=output_dir, model=model, tokenizer=tokenizer, template=template,
+                      train_rows=train_rows, eval_rows=eval_rows, optimizer=optimizer, plan=plan, device=device,
+                      state={"tokens": 0, "trained_tokens": 0, "elapsed_s": 0.0})
+    if resume_from is not None:
+        state = load_trainer_state(resume_from)
+        load_optimizer_state(resume_from, optimizer)
+        restore_rng(resume_from, state)  # last: loading the model above drew random numbers
+        run.start_step, run.resumed_from = state["step"], resume_from
+        run.state = {key: state[key] for key in run.state}
+        console.print(f"resuming from {resume_from} (step {run.start_step} of {plan.total_steps()})", markup=False)
+        _note_changed_settings(resume_from, config, console)
+    save_config(config, output_dir / "config.yaml")
+    return run
+
+
+def _note_changed_settings(checkpoint: Path, config: TrainConfig, console) -> None:
+    """Say which settings differ from the checkpoint's: a resumed run then no longer matches the original."""
+    try:
+        saved = load_config(checkpoint / CONFIG_FILE)
+    except UserError:  # written by another version; nothing to compare against
+        return
+    ignored = {"resume", "overwrite", "log_every"}
+    changed = [f"{key} (was {getattr(saved, key)!r}, now {getattr(config, key)!r})" for key in FIELD_NAMES
+               if key not in ignored and getattr(saved, key) != getattr(config, key)]
+    if changed:
+        console.print("note: settings changed since the checkpoint: " + "; ".join(changed), markup=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running it
+
+def _collate(run: TrainingRun, indices: list[int]) -> dict[str, torch.Tensor]:
+    rows = [run.train_rows[i] for i in indices]
+    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    return collate_packed(rows, pad) if run.config.packing else collate_padded(rows, pad)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(run: TrainingRun) -> dict[str, float]:
+    """Response-only loss (token-normalised) and next-token accuracy over the evaluation rows."""
+    run.model.eval()
+    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(run.eval_rows)), key=lambda i: len(run.eval_rows[i]))
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct, targets = 0, 0
+    for start in range(0, len(order), run.config.batch_size):
+        rows = [run.eval_rows[i] for i in order[start:start + run.config.batch_size]]
+        out = masked_lm_loss(run.model, _to_device(collate_padded(rows, pad), run.device), compute_accuracy=True)
+        loss_sum += out.loss_sum.double().cpu()
+        correct += int(out.num_correct)
+        targets += out.num_targets
+    run.model.train()
+    return {"loss": float(loss_sum) / max(targets, 1), "accuracy": correct / max(targets, 1), "targets": targets}
+
+
+def _optimizer_step(run: TrainingRun, batches: list[dict[str, torch.Tensor]], denominator: int,
+                    lr: float) -> tuple[float, float]:
+    """One optimizer step over `batches`; returns (loss, grad norm before clipping)."""
+    config, model = run.config, run.model
+    set_lr(run.optimizer, lr)
+    total = torch.zeros((), device=run.device)
+    for batch in batches:
+        batch = _to_device(batch, run.device)
+        if config.loss_normalization == "token":
+            loss = masked_lm_loss(model, batch).loss_sum / denominator
+        else:
+            loss = row_mean_sum(masked_lm_loss(model, batch, per_row=True)) / denominator
+        loss.backward()
+        total += loss.detach()
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf, foreach=True)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return float(total), float(grad_norm)  # the step's one host sync
+
+
+def _save(run: TrainingRun, step: int, epoch: int) -> Path:
+    return save_checkpoint(run.output_dir, step, model=run.model, tokenizer=run.tokenizer,
+                           config_yaml=config_to_yaml(run.config), optimizer=run.optimizer,
+                           state={**run.state, "epoch": epoch, "total_steps": run.plan.total_steps()},
+                           keep_last=run.config.keep_last)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run left behind."""
+
+    output_dir: Path
+    checkpoint: Path
+    """The final checkpoint (loadable with transformers)."""
+    steps: int
+    last_loss: float | None
+    eval_metrics: dict[str, float] | None
+    merged: Path | None = None
+
+
+def fit(run: TrainingRun, *, console=None) -> TrainResult:
+    """Run the optimizer steps from `run.start_step` to the end, evaluating and saving on schedule."""
+    from rich.console import Console
+
+    console = console or Console(highlight=False, soft_wrap=True)
+    config, total_steps = run.config, run.plan.total_steps()
+    logger = MetricsLogger(run.output_dir, resume_step=run.start_step if run.resumed_from else None)
+    progress = ProgressReporter(console, total_steps, run.start_step, run.state["tokens"], config.log_every)
+    last_loss, eval_metrics, epoch = None, None, 0
+    started = time.perf_counter() - run.state["elapsed_s"]
+    try:
+        for step in range(run.start_step, total_steps):
+            step_start = time.perf_counter()
+            epoch, groups = run.plan.step(step)
+            batches = [_collate(run, group) for group in groups]
+            tokens = sum(len(run.train_rows[i]) for group in groups for i in group)
+            denominator = step_denominator(batches, config.loss_normalization)
+            targets = denominator if config.loss_normalization == "token" else step_normalizer(batches)
+            lr = lr_at(step, peak=config.lr, total_steps=total_steps, warmup_steps=config.warmup_steps,
+                       schedule=config.schedule)
+            last_loss, grad_norm = _optimizer_step(run, batches, denominator, lr)
+            if not math.isfinite(last_loss):
+                raise UserError(f"the loss became {last_loss} at step {step + 1}; lower lr (now {lr:.2g}) or "
+                                "check the data; the last good checkpoint is kept")
+            now = time.perf_counter()
+            run.state["tokens"] += tokens
+            run.state["trained_tokens"] += targets
+            run.state["elapsed_s"] = now - started
+            record = {"split": "train", "step": step + 1, "epoch": epoch, "loss": last_loss, "grad_norm": grad_norm,
+                      "lr": lr, "tokens": run.state["tokens"], "trained_tokens": run.state["trained_tokens"],
+                      "tokens_per_s": tokens / max(now - step_start, 1e-9), "elapsed_s": run.state["elapsed_s"]}
+            logger.log(record)
+            progress.update(step + 1, record)
+            done = step + 1 == total_steps
+            if run.eval_rows and (done or (config.eval_every and (step + 1) % config.eval_every == 0)):
+                eval_metrics = evaluate(run)
+                logger.log({"split": "eval", "step": step + 1, **eval_metrics})
+                progress.note(f"step {step + 1}: eval loss {eval_metrics['loss']:.4f}, "
+                              f"accuracy {eval_metrics['accuracy']:.1%}")
+            if done or (config.save_every and (step + 1) % config.save_every == 0):
+                _save(run, step + 1, epoch)
+    finally:
+        progress.close()
+        logger.close()
+    if run.start_step >= total_steps:
+        console.print(f"the run in {run.output_dir} had already finished ({total_steps} steps)", markup=False)
+        eval_metrics = evaluate(run) if run.eval_rows else None
+    checkpoint = latest_checkpoint(run.output_dir)
+    assert checkpoint is not None  # every run has at least one step and saves on its last
+    plot_losses(run.output_dir)
+    merged = _write_merged(run) if config.merge_lora else None
+    return TrainResult(run.output_dir, checkpoint, total_steps, last_loss, eval_metrics, merged)
+
+
+def _write_merged(run: TrainingRun) -> Path:
+    """Fold the adapter into the base weights (in place: training is over) and save a plain model."""
+    from instructune.lora import merge_lora
+
+    target, tmp = run.output_dir / "merged", run.output_dir / "merged.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    run.model = merge_lora(run.model)
+    with quiet_saving():
+        run.model.save_pretrained(tmp)
+    run.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def train(config: TrainConfig, *, name: str = "default", console=None) -> TrainResult:
+    """Set up and run a whole training run; see the module docstring."""
+    return fit(setup_run(config, name=name, console=console), console=console)
