@@ -44,12 +44,15 @@ def test_step_plan_covers_every_row_once_per_epoch_and_is_deterministic():
     again = StepPlan(lengths, config)
     assert [again.step(s) for s in range(6)] == [plan.step(s) for s in range(6)]
     assert plan.step(0)[1] != plan.step(3)[1]  # a new order every epoch
-    # Two ranks split each step of the single-process plan with twice the accumulation between them.
-    single = StepPlan(lengths, dataclasses.replace(config, grad_accum=4))
-    ranks = [StepPlan(lengths, config, world_size=2, rank=r) for r in (0, 1)]
-    assert ranks[0].total_steps() == single.total_steps() == 4
-    for s in range(4):
-        assert sorted(ranks[0].step(s)[1] + ranks[1].step(s)[1]) == sorted(single.step(s)[1])
+    # Ranks split every micro-batch of the single-process plan: the global batch is the same.
+    for world in (2, 3, 5):
+        ranks = [StepPlan(lengths, config, world_size=world, rank=r) for r in range(world)]
+        assert ranks[0].total_steps() == plan.total_steps()
+        for s in range(6):
+            shares = [rank.step(s)[1] for rank in ranks]
+            assert all(len(share) == len(plan.step(s)[1]) for share in shares)  # as many micro-batches each
+            for m, batch in enumerate(plan.step(s)[1]):
+                assert sorted(i for share in shares for i in share[m]) == sorted(batch)
     beyond = StepPlan(lengths, dataclasses.replace(config, max_steps=10))
     assert beyond.total_steps() == 10 and beyond.step(9)[0] == 3  # max_steps runs on into later epochs
 

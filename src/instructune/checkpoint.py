@@ -144,24 +144,28 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model, tokenizer, config_yaml: str,
-                    optimizer: torch.optim.Optimizer, state: dict[str, Any], keep_last: int) -> Path:
+                    optimizer: torch.optim.Optimizer, state: dict[str, Any], keep_last: int,
+                    model_state: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write the checkpoint of `step` atomically, then prune to `keep_last`; returns its folder.
 
     `model` is a transformers model or a PEFT model (then the adapter is saved, which
     `AutoModelForCausalLM` loads on top of its base); `state` is JSON-serialisable trainer state.
+    `model_state` and `optimizer_state` replace the model's and the optimizer's own state dicts (FSDP
+    gathers the full ones from the shards; the shards themselves are not what a checkpoint holds).
     """
     final = checkpoint_dir(output_dir, step)
     if is_complete(final):  # the end of a run that also saved on its last step
         return final
     tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=output_dir))
     with quiet_saving():
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=model_state)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and not (tmp / "generation_config.json").exists():
         generation_config.save_pretrained(tmp)  # a PEFT adapter folder: keep the base's stop tokens
     tokenizer.save_pretrained(tmp)
     (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     save_file(_rng_tensors(), tmp / RNG_FILE)
     python_rng = random.getstate()
     full_state = {**state, "step": step, "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]]}

@@ -41,6 +41,7 @@ CHOICES = {
     "loss_normalization": ("token", "sequence"),
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("auto", "float32", "bfloat16"),
+    "distributed": ("ddp", "fsdp"),
 }
 
 
@@ -90,9 +91,9 @@ class TrainConfig:
 
     # Optimisation
     batch_size: int = 8
-    """Rows per micro-batch (or packed sequences per micro-batch with `packing`)."""
+    """Rows per micro-batch (packed sequences with `packing`), over all ranks together: each takes a share."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step; the step's loss is normalised over all of them."""
+    """Micro-batches per optimizer step; batch_size x grad_accum rows make a step whatever the rank count."""
     lr: float | None = None
     """Peak learning rate; null: 2e-5 for full fine-tuning, 2e-4 with LoRA."""
     schedule: str = "cosine"
@@ -129,6 +130,12 @@ class TrainConfig:
     """Start afresh in an `output_dir` that already holds a run, deleting its checkpoints."""
     log_every: int = 10
     """Print a progress line every this many steps when the output is not a terminal."""
+
+    # Several processes (torchrun)
+    distributed: str = "ddp"
+    """Under torchrun: ddp (a model copy per rank) or fsdp (FSDP2: layers sharded, for models that don't fit)."""
+    dist_timeout_s: float = 1800.0
+    """Under torchrun: longest wait for the other ranks (collectives, a checkpoint write) before the job fails."""
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a plain dict, in field order."""
@@ -224,7 +231,7 @@ def _check_value(name: str, value: Any) -> Any:
     return value
 
 
-_POSITIVE = ("batch_size", "grad_accum", "epochs", "keep_last", "log_every")
+_POSITIVE = ("batch_size", "grad_accum", "epochs", "keep_last", "log_every", "dist_timeout_s")
 _NON_NEGATIVE = ("eval_every", "save_every", "warmup_steps", "weight_decay", "max_grad_norm")
 
 

@@ -1,7 +1,7 @@
 """Which rows each optimizer step trains on, and what the step's summed loss is divided by.
 
 Both are pure functions of their inputs, so a resumed run recomputes exactly the batches and the
-denominators the interrupted run would have used.
+denominators the interrupted run would have used, on any number of ranks.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 
 from instructune.config import TrainConfig
 from instructune.data.batching import length_grouped_batches, pack_rows
+from instructune.distributed import Parallel, rank_share
 from instructune.loss import step_normalizer, step_row_count
 
 
@@ -20,17 +21,17 @@ class StepPlan:
     """The micro-batches of every optimizer step, as row indices: a pure function of (seed, epoch, step).
 
     Each epoch's micro-batches come from length-grouped shuffled blocks (or packed bins with
-    `packing`); a step takes `grad_accum` of them per rank, and an epoch's last step may take fewer.
-    With `max_steps` beyond the data, epochs simply continue. Ranks: a step takes
-    `grad_accum * world_size` micro-batches and rank r keeps every `world_size`-th from the r-th on
-    (1 and 0 here: nothing distributed runs yet).
+    `packing`); a step takes `grad_accum` of them, and an epoch's last step may take fewer. With
+    `max_steps` beyond the data, epochs simply continue. Ranks: the micro-batches are the same whatever
+    `world_size` is (they are the global batch); rank r keeps its `rank_share` of each, which may be
+    empty, so every rank runs the same number of micro-batches.
     """
 
     def __init__(self, lengths: list[int], config: TrainConfig, *, world_size: int = 1, rank: int = 0):
         self.lengths = lengths
         self.config = config
         self.world_size, self.rank = world_size, rank
-        self.per_step = config.grad_accum * world_size
+        self.per_step = config.grad_accum
         self._cached: tuple[int, list[list[int]]] | None = None  # the epoch in use and its batches
         self._steps_in_epoch: dict[int, int] = {}
         self._first_step = [0]  # the first step of each epoch, extended as epochs are reached
@@ -66,12 +67,24 @@ class StepPlan:
             self._first_step.append(self._first_step[-1] + self.steps_in_epoch(len(self._first_step) - 1))
         epoch = bisect.bisect_right(self._first_step, step) - 1
         start = (step - self._first_step[epoch]) * self.per_step
-        return epoch, self.epoch_batches(epoch)[start:start + self.per_step][self.rank::self.world_size]
+        batches = self.epoch_batches(epoch)[start:start + self.per_step]
+        return epoch, [rank_share(batch, self.lengths, self.world_size, self.rank) for batch in batches]
 
 
 def step_denominator(batches: list[dict[str, torch.Tensor]], normalization: str) -> int:
     """What the step's summed loss is divided by: its target count (token) or row count (sequence).
 
-    The single place the denominator is computed; under data parallelism it becomes an all-reduce.
+    The single place the denominator is computed; `step_counts` sums it over the ranks.
     """
     return step_normalizer(batches) if normalization == "token" else step_row_count(batches)
+
+
+def step_counts(batches: list[dict[str, torch.Tensor]], normalization: str, tokens: int,
+                parallel: Parallel) -> tuple[int, int, int]:
+    """(denominator, trained tokens, tokens) of the whole step, summed over the ranks in one all-reduce.
+
+    Called before any backward pass: every rank divides its own loss sum by the global denominator.
+    """
+    denominator = step_denominator(batches, normalization)
+    targets = denominator if normalization == "token" else step_normalizer(batches)
+    return tuple(int(value) for value in parallel.sum(denominator, targets, tokens))

@@ -5,14 +5,14 @@ the steps; `train` is the two together. One optimizer step:
 
 1. take the step's micro-batches, a pure function of (seed, epoch, step) (`step_plan.StepPlan`), so a
    resumed run trains on exactly the batches the interrupted one would have;
-2. count the step's targets once, over all its micro-batches (`step_plan.step_denominator`; the one
-   place a data-parallel version all-reduces);
+2. count the step's targets once, over all its micro-batches and ranks (`step_plan.step_counts`, one
+   all-reduce);
 3. for each micro-batch: the selective-head loss *sum* divided by that count, backward;
 4. clip, set the scheduled learning rate, AdamW step; one host sync to read the loss.
 
-Ranks: `StepPlan` takes `world_size`/`rank` (1/0) and hands each rank its share of every step's
-micro-batches; a distributed runner adds the all-reduce in `step_denominator` (and DDP's gradient
-all-reduce). Nothing distributed runs yet.
+Several ranks (`torchrun`, see `instructune.distributed`): the step's micro-batches are the same as on
+one process, and each rank trains on its share of every one; DDP or FSDP2 sums the gradients. Rank 0
+alone prints, writes metrics and checkpoints; every rank evaluates its share of the eval rows.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import torch
 from instructune.checkpoint import (
     CONFIG_FILE,
     latest_checkpoint,
-    load_optimizer_state,
     load_trainer_state,
     quiet_saving,
     remove_leftovers,
@@ -47,11 +46,12 @@ from instructune.config import (
 )
 from instructune.data.batching import collate_packed, collate_padded
 from instructune.data.encoded import EncodedRow
+from instructune.distributed import NoMetrics, Parallel, init_distributed, shutdown, without_targets
 from instructune.errors import UserError
-from instructune.loss import masked_lm_loss, row_mean_sum, step_normalizer
+from instructune.loss import row_mean_sum
 from instructune.metrics import METRICS_FILE, MetricsLogger, ProgressReporter, plot_losses
 from instructune.optim import build_optimizer, default_warmup_steps, lr_at, set_lr
-from instructune.step_plan import StepPlan, step_denominator
+from instructune.step_plan import StepPlan, step_counts
 
 RUN_FILES = ("config.yaml", METRICS_FILE, "loss.png", "tensorboard", "merged")
 """What a run writes into its output folder besides checkpoints (removed by `overwrite: true`)."""
@@ -76,10 +76,15 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     plan: StepPlan
     device: torch.device
+    parallel: Parallel = field(default_factory=Parallel)
+    """This rank among the ranks (one process: rank 0 of 1); runs the loss through DDP or FSDP."""
     start_step: int = 0
     state: dict = field(default_factory=dict)
     """Counters carried across resumes: tokens, trained_tokens, elapsed_s."""
     resumed_from: Path | None = None
+    eval_sets: dict[str, list[EncodedRow]] = field(default_factory=dict)
+    """More rows scored at every evaluation, by name; each adds `<name>_loss`, `<name>_accuracy` and
+    `<name>_targets` (over that set's own labels) to the eval record. `instructune compare` uses it."""
 
 
 def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
@@ -209,33 +214,43 @@ def setup_run(config: TrainConfig, *, name: str = "default", console=None) -> Tr
         raise UserError("'data' is not set: give the training data in the config or as data=PATH")
     config = resolve_config(config, name)
     output_dir = Path(config.output_dir)
-    resume_from = _prepare_output_dir(config, output_dir, console)
     device, dtype = resolve_device(config)
+    parallel = init_distributed(config, device)
+    device, console = parallel.device, console if parallel.is_main else Console(quiet=True)
+    resume_from = parallel.on_main(lambda: _prepare_output_dir(config, output_dir, console))
     random.seed(config.seed)
     torch.manual_seed(config.seed)
 
-    tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
-    train_rows, eval_rows, template = prepare_splits(config, tokenizer, console)
+    with parallel.local_main_first():  # it converts and encodes once; the others read its caches
+        tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
+        train_rows, eval_rows, template = prepare_splits(config, tokenizer, console)
     if not train_rows:
         raise UserError(f"{config.data}: no row left to train on")
     tokenizer.chat_template = template  # checkpoints chat with the template they were trained with
-    plan = StepPlan([len(r) for r in train_rows], config)
+    plan = StepPlan([len(r) for r in train_rows], config, world_size=parallel.world_size, rank=parallel.rank)
     config = resolve_config(config, name, plan.total_steps())  # the plan reads no key this changes
 
-    model = build_model(config, tokenizer, template, device, dtype, resume_from)
+    # FSDP loads the full weights into CPU memory; sharding then moves each rank's shards to its GPU.
+    model = build_model(config, tokenizer, template, torch.device("cpu") if parallel.sharded else device, dtype,
+                        resume_from)
+    parallel.wrap(model)  # before the optimizer: FSDP replaces the parameters with shards
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
     run = TrainingRun(config=config, output_dir=output_dir, model=model, tokenizer=tokenizer, template=template,
                       train_rows=train_rows, eval_rows=eval_rows, optimizer=optimizer, plan=plan, device=device,
-                      state={"tokens": 0, "trained_tokens": 0, "elapsed_s": 0.0})
+                      parallel=parallel, state={"tokens": 0, "trained_tokens": 0, "elapsed_s": 0.0})
     if resume_from is not None:
         state = load_trainer_state(resume_from)
-        load_optimizer_state(resume_from, optimizer)
+        parallel.load_optimizer_state(resume_from, optimizer)
         restore_rng(resume_from, state)  # last: loading the model above drew random numbers
         run.start_step, run.resumed_from = state["step"], resume_from
         run.state = {key: state[key] for key in run.state}
         console.print(f"resuming from {resume_from} (step {run.start_step} of {plan.total_steps()})", markup=False)
         _note_changed_settings(resume_from, config, console)
-    save_config(config, output_dir / "config.yaml")
+        if state.get("world_size", 1) != parallel.world_size:
+            console.print(f"note: the checkpoint was written on {state.get('world_size', 1)} rank(s), this run has "
+                          f"{parallel.world_size}: the global batch, data order and loss are the same", markup=False)
+    if parallel.is_main:
+        save_config(config, output_dir / "config.yaml")
     return run
 
 
@@ -245,7 +260,7 @@ def _note_changed_settings(checkpoint: Path, config: TrainConfig, console) -> No
         saved = load_config(checkpoint / CONFIG_FILE)
     except UserError:  # written by another version; nothing to compare against
         return
-    ignored = {"resume", "overwrite", "log_every"}
+    ignored = {"resume", "overwrite", "log_every", "distributed", "dist_timeout_s"}  # same results either way
     changed = [f"{key} (was {getattr(saved, key)!r}, now {getattr(config, key)!r})" for key in FIELD_NAMES
                if key not in ignored and getattr(saved, key) != getattr(config, key)]
     if changed:
@@ -256,6 +271,8 @@ def _note_changed_settings(checkpoint: Path, config: TrainConfig, console) -> No
 # Running it
 
 def _collate(run: TrainingRun, indices: list[int]) -> dict[str, torch.Tensor]:
+    if not indices:  # this rank's share of the micro-batch is empty: a row without targets keeps it in step
+        return without_targets(_collate(run, [0]))
     rows = [run.train_rows[i] for i in indices]
     pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     return collate_packed(rows, pad) if run.config.packing else collate_padded(rows, pad)
@@ -266,49 +283,69 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 @torch.no_grad()
-def evaluate(run: TrainingRun) -> dict[str, float]:
-    """Response-only loss (token-normalised) and next-token accuracy over the evaluation rows."""
+def evaluate(run: TrainingRun, eval_rows: list[EncodedRow] | None = None) -> dict[str, float]:
+    """Loss over the labelled tokens (token-normalised) and next-token accuracy; default: the eval rows."""
+    eval_rows = run.eval_rows if eval_rows is None else eval_rows
     run.model.eval()
     pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(run.eval_rows)), key=lambda i: len(run.eval_rows[i]))
+    order = sorted(range(len(eval_rows)), key=lambda i: len(eval_rows[i]))
     loss_sum = torch.zeros((), dtype=torch.float64)
     correct, targets = 0, 0
-    for start in range(0, len(order), run.config.batch_size):
-        rows = [run.eval_rows[i] for i in order[start:start + run.config.batch_size]]
-        out = masked_lm_loss(run.model, _to_device(collate_padded(rows, pad), run.device), compute_accuracy=True)
+    size, parallel = run.config.batch_size, run.parallel
+    # Rank r scores every world_size-th batch; a rank left without one scores a row without targets, so
+    # that all ranks run as many forwards (FSDP all-gathers in each).
+    for first in range(0, len(order), size * parallel.world_size):
+        rows = [eval_rows[i] for i in order[first + parallel.rank * size:first + (parallel.rank + 1) * size]]
+        batch = collate_padded(rows or [eval_rows[order[0]]], pad)
+        out = parallel.loss(_to_device(batch if rows else without_targets(batch), run.device), compute_accuracy=True)
         loss_sum += out.loss_sum.double().cpu()
         correct += int(out.num_correct)
         targets += out.num_targets
+    loss_sum, correct, targets = parallel.sum(loss_sum, correct, targets)
+    correct, targets = int(correct), int(targets)
     run.model.train()
     return {"loss": float(loss_sum) / max(targets, 1), "accuracy": correct / max(targets, 1), "targets": targets}
+
+
+def evaluate_all(run: TrainingRun) -> dict[str, float]:
+    """`evaluate` on the eval rows, plus `<name>_loss` etc. for every set in `run.eval_sets`."""
+    metrics = evaluate(run)
+    for name, rows in run.eval_sets.items():
+        metrics.update({f"{name}_{key}": value for key, value in evaluate(run, rows).items()})
+    return metrics
 
 
 def _optimizer_step(run: TrainingRun, batches: list[dict[str, torch.Tensor]], denominator: int,
                     lr: float) -> tuple[float, float]:
     """One optimizer step over `batches`; returns (loss, grad norm before clipping)."""
-    config, model = run.config, run.model
+    config = run.config
     set_lr(run.optimizer, lr)
     total = torch.zeros((), device=run.device)
-    for batch in batches:
+    for index, batch in enumerate(batches):
         batch = _to_device(batch, run.device)
+        sync = index == len(batches) - 1  # DDP sums the ranks' gradients once, in the last backward
         if config.loss_normalization == "token":
-            loss = masked_lm_loss(model, batch).loss_sum / denominator
+            loss = run.parallel.loss(batch, sync=sync).loss_sum / denominator
         else:
-            loss = row_mean_sum(masked_lm_loss(model, batch, per_row=True)) / denominator
+            loss = row_mean_sum(run.parallel.loss(batch, sync=sync, per_row=True)) / denominator
         loss.backward()
         total += loss.detach()
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf, foreach=True)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return float(total), float(grad_norm)  # the step's one host sync
+    return run.parallel.sum(total)[0], float(grad_norm)  # the step's one host sync (and all-reduce of the loss)
 
 
-def _save(run: TrainingRun, step: int, epoch: int) -> Path:
-    return save_checkpoint(run.output_dir, step, model=run.model, tokenizer=run.tokenizer,
-                           config_yaml=config_to_yaml(run.config), optimizer=run.optimizer,
-                           state={**run.state, "epoch": epoch, "total_steps": run.plan.total_steps()},
-                           keep_last=run.config.keep_last)
+def _save(run: TrainingRun, step: int, epoch: int) -> None:
+    model_state, optimizer_state = run.parallel.gather_state(run.optimizer)  # FSDP: from every rank's shards
+    if run.parallel.is_main:
+        save_checkpoint(run.output_dir, step, model=run.model, tokenizer=run.tokenizer,
+                        config_yaml=config_to_yaml(run.config), optimizer=run.optimizer,
+                        state={**run.state, "epoch": epoch, "total_steps": run.plan.total_steps(),
+                               "world_size": run.parallel.world_size},
+                        keep_last=run.config.keep_last, model_state=model_state, optimizer_state=optimizer_state)
+    run.parallel.barrier()  # no rank goes on (or looks for the checkpoint) before it is complete
 
 
 @dataclass
@@ -328,9 +365,10 @@ def fit(run: TrainingRun, *, console=None) -> TrainResult:
     """Run the optimizer steps from `run.start_step` to the end, evaluating and saving on schedule."""
     from rich.console import Console
 
-    console = console or Console(highlight=False, soft_wrap=True)
+    console = (console or Console(highlight=False, soft_wrap=True)) if run.parallel.is_main else Console(quiet=True)
     config, total_steps = run.config, run.plan.total_steps()
-    logger = MetricsLogger(run.output_dir, resume_step=run.start_step if run.resumed_from else None)
+    resume_step = run.start_step if run.resumed_from else None
+    logger = MetricsLogger(run.output_dir, resume_step=resume_step) if run.parallel.is_main else NoMetrics()
     progress = ProgressReporter(console, total_steps, run.start_step, run.state["tokens"], config.log_every)
     last_loss, eval_metrics, epoch = None, None, 0
     started = time.perf_counter() - run.state["elapsed_s"]
@@ -340,8 +378,8 @@ def fit(run: TrainingRun, *, console=None) -> TrainResult:
             epoch, groups = run.plan.step(step)
             batches = [_collate(run, group) for group in groups]
             tokens = sum(len(run.train_rows[i]) for group in groups for i in group)
-            denominator = step_denominator(batches, config.loss_normalization)
-            targets = denominator if config.loss_normalization == "token" else step_normalizer(batches)
+            denominator, targets, tokens = step_counts(batches, config.loss_normalization, tokens, run.parallel)
+            run.parallel.seed_step(config.seed, step)
             lr = lr_at(step, peak=config.lr, total_steps=total_steps, warmup_steps=config.warmup_steps,
                        schedule=config.schedule)
             last_loss, grad_norm = _optimizer_step(run, batches, denominator, lr)
@@ -359,7 +397,7 @@ def fit(run: TrainingRun, *, console=None) -> TrainResult:
             progress.update(step + 1, record)
             done = step + 1 == total_steps
             if run.eval_rows and (done or (config.eval_every and (step + 1) % config.eval_every == 0)):
-                eval_metrics = evaluate(run)
+                eval_metrics = evaluate_all(run)
                 logger.log({"split": "eval", "step": step + 1, **eval_metrics})
                 progress.note(f"step {step + 1}: eval loss {eval_metrics['loss']:.4f}, "
                               f"accuracy {eval_metrics['accuracy']:.1%}")
@@ -370,11 +408,12 @@ def fit(run: TrainingRun, *, console=None) -> TrainResult:
         logger.close()
     if run.start_step >= total_steps:
         console.print(f"the run in {run.output_dir} had already finished ({total_steps} steps)", markup=False)
-        eval_metrics = evaluate(run) if run.eval_rows else None
+        eval_metrics = evaluate_all(run) if run.eval_rows else None
     checkpoint = latest_checkpoint(run.output_dir)
     assert checkpoint is not None  # every run has at least one step and saves on its last
-    plot_losses(run.output_dir)
-    merged = _write_merged(run) if config.merge_lora else None
+    if run.parallel.is_main:
+        plot_losses(run.output_dir)
+    merged = _write_merged(run) if config.merge_lora and run.parallel.is_main else None
     return TrainResult(run.output_dir, checkpoint, total_steps, last_loss, eval_metrics, merged)
 
 
@@ -395,4 +434,7 @@ def _write_merged(run: TrainingRun) -> Path:
 
 def train(config: TrainConfig, *, name: str = "default", console=None) -> TrainResult:
     """Set up and run a whole training run; see the module docstring."""
-    return fit(setup_run(config, name=name, console=console), console=console)
+    try:
+        return fit(setup_run(config, name=name, console=console), console=console)
+    finally:
+        shutdown()  # the process group, when this run created it

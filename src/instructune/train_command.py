@@ -34,10 +34,11 @@ def run_train(arguments: list[str]) -> int:
     from rich.console import Console
 
     from instructune.config import load_config
+    from instructune.distributed import is_main_process
     from instructune.train import train
 
     config = load_config(config_path, overrides)
-    console = Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True, quiet=not is_main_process())  # under torchrun: rank 0
     result = train(config, name=Path(config_path).stem, console=console)
     if result.last_loss is not None:
         console.print(f"final training loss {result.last_loss:.4f}", markup=False)
