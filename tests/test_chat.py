@@ -5,16 +5,12 @@ from pathlib import Path
 
 import pexpect
 import pytest
-import torch
 
 from instructune.chat import ChatSession, chat_loop
-from instructune.data.batching import collate_padded
 from instructune.data.conversation import Conversation, Message
-from instructune.data.encode import ConversationEncoder
 from instructune.generation import encode_prompts
 from instructune.inference import load_for_inference
-from instructune.loss import masked_lm_loss
-from instructune.testing import make_tiny_model, make_tiny_tokenizer
+from instructune.testing import make_tiny_model, make_tiny_tokenizer, memorise
 
 PAIRS = [("What is the capital of France?", "Paris is the capital of France."),
          ("Which is the largest ocean?", "The Pacific Ocean is the largest ocean.")]
@@ -25,23 +21,7 @@ def checkpoint(tmp_path_factory):
     """A tiny chat model that has memorised two answers, saved as a checkpoint with its ChatML template."""
     tokenizer = make_tiny_tokenizer()
     model = make_tiny_model(len(tokenizer), hidden_size=64)
-    encoder = ConversationEncoder(tokenizer, tokenizer.chat_template)
-    rows = [encoder.encode(Conversation([Message("user", q), Message("assistant", a)])) for q, a in PAIRS]
-    batch = collate_padded(rows, tokenizer.pad_token_id)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a model this small runs ~10x faster on one thread than on two busy ones
-    try:
-        for _ in range(400):
-            out = masked_lm_loss(model, batch)
-            loss = out.loss_sum / out.num_targets
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if loss.item() < 1e-3:
-                break
-    finally:
-        torch.set_num_threads(threads)
+    memorise(model, tokenizer, [Conversation([Message("user", q), Message("assistant", a)]) for q, a in PAIRS])
     folder = tmp_path_factory.mktemp("chat-model")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

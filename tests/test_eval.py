@@ -12,7 +12,7 @@ from instructune.data.encode import ConversationEncoder
 from instructune.data.readers import read_conversations
 from instructune.loss import masked_lm_loss
 from instructune.metrics_text import contains_answer, exact_match, normalize_answer, rouge_l
-from instructune.testing import make_tiny_model, make_tiny_tokenizer
+from instructune.testing import make_tiny_model, make_tiny_tokenizer, memorise
 
 ROWS = [
     {"instruction": "What is the capital of France?", "output": "Paris is the capital of France.", "answer": "Paris"},
@@ -27,26 +27,8 @@ def _write_jsonl(path, rows):
     return path
 
 
-def _memorise(model, tokenizer, data, steps: int = 400) -> None:
-    """Train on every row of `data` until the response loss is ~0 (a plain loop with the masked loss)."""
-    encoder = ConversationEncoder(tokenizer, tokenizer.chat_template)
-    rows = [encoder.encode(conv) for _, conv in read_conversations(data).conversations]
-    batch = collate_padded(rows, tokenizer.pad_token_id)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a model this small runs ~10x faster on one thread than on two busy ones
-    try:
-        for _ in range(steps):
-            out = masked_lm_loss(model, batch)
-            loss = out.loss_sum / out.num_targets
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if loss.item() < 1e-3:
-                break
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
+def _memorise(model, tokenizer, data) -> None:
+    memorise(model, tokenizer, [conv for _, conv in read_conversations(data).conversations])
 
 
 @pytest.fixture(scope="module")
