@@ -42,6 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("arguments", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
                    help="a flat YAML config file, then overrides such as lr=1e-4 or lora.r=8")
+
+    p = sub.add_parser(
+        "compare", help="train masked and unmasked runs side by side and write a report",
+        description="The masked-vs-unmasked study: two runs from the same weights, rows, order and seed, one with "
+                    "train_on=assistant and one with train_on=all, and a report folder (output_dir, default "
+                    "runs/compare) with report.md, summary.json and plots. With no CONFIG: the default job's model "
+                    "and data for one epoch. Overrides apply to both runs; train_on is set by the study.",
+        epilog=_config_keys_text(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("arguments", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                   help="a flat YAML config file, then overrides such as lr=1e-4 or output_dir=runs/study")
+    p.add_argument("--heldout", help="questions to answer before and after training (default: eval_data, else the eval split)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest generated answer (default 32)")
+    p.add_argument("--examples", type=int, default=8, help="answers shown side by side in the report (default 8)")
     _add_model_use_parsers(sub)
     return parser
 
@@ -124,6 +138,11 @@ def _run(args: argparse.Namespace) -> int:
         from instructune.train_command import run_train
 
         return run_train(args.arguments)
+    if args.command == "compare":
+        from instructune.compare_command import run_compare
+
+        return run_compare(args.arguments, heldout=args.heldout, max_new_tokens=args.max_new_tokens,
+                           examples=args.examples)
     if args.command in ("explain", "eval", "generate", "chat"):
         from instructune.chat import run_chat
         from instructune.evaluate import run_eval
