@@ -247,3 +247,58 @@ def test_chunked_head_in_bf16_matches_unchunked():
     assert whole[0].dtype == chunked[0].dtype == torch.float32
     assert all(g.dtype == torch.bfloat16 for g in chunked[1].values())
     _assert_same(whole, chunked, atol=2e-2, rtol=2e-2)
+
+
+def test_right_padding_on_cpu_leaves_the_mask_out_and_other_masks_stay():
+    right = collate_padded(_rows([3, 6]), pad_token_id=0)
+    assert right["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0]
+    assert "attention_mask" not in _body_inputs(right, "sdpa")  # SDPA's causal path; same result (test above)
+    left = {**right, "attention_mask": right["attention_mask"].flip(1)}
+    assert _body_inputs(left, "sdpa")["attention_mask"] is left["attention_mask"]
+    hole = {**right, "attention_mask": torch.tensor([[1, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])}
+    assert "attention_mask" in _body_inputs(hole, "sdpa")
+
+
+def test_left_padded_batch_keeps_its_mask_and_equals_the_full_logits_loss():
+    model = _tiny("llama")
+    rows = _rows([5, 11, 8])
+    width = max(len(r["input_ids"]) for r in rows)
+    pad = [width - len(r["input_ids"]) for r in rows]
+    batch = {"input_ids": torch.tensor([[0] * p + r["input_ids"] for p, r in zip(pad, rows)]),
+             "labels": torch.tensor([[IGNORE_INDEX] * p + r["labels"] for p, r in zip(pad, rows)]),
+             "attention_mask": torch.tensor([[0] * p + [1] * len(r["input_ids"]) for p, r in zip(pad, rows)])}
+    _assert_same(_loss_and_grads(model, lambda: _full_loss(model, batch)[0]),
+                 _loss_and_grads(model, lambda: masked_lm_loss(model, batch).loss_sum))
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_tied"])
+def test_tied_head_gradient_accumulates_densely_over_micro_batches(family):
+    # The tied embedding runs with a sparse gradient inside the loss only; the summed .grad stays dense
+    # and equals the full-logits reference accumulated over the same micro-batches.
+    model = _tiny(family)
+    rows = _rows(LENGTHS, prompt_fraction=0.4)
+    micro = _split(rows, 3)
+    normalizer = step_normalizer(micro)
+    reference = _loss_and_grads(model, lambda: sum(_full_loss(model, b)[0] for b in micro) / normalizer)
+    ours = _accumulate(model, micro)
+    _assert_same(reference, ours)
+    embedding = model.get_input_embeddings()
+    assert not embedding.sparse and embedding.weight.grad.layout == torch.strided
+
+
+def test_tied_embedding_is_restored_when_the_body_raises():
+    model = _tiny("llama_tied")
+    batch = collate_padded(_rows([4, 6]), pad_token_id=0)
+    batch["input_ids"][0, 0] = VOCAB + 5  # out of range: the embedding lookup raises
+    with pytest.raises(IndexError):
+        masked_lm_loss(model, batch)
+    assert not model.get_input_embeddings().sparse
+
+
+def test_fused_head_loss_refuses_a_second_backward():
+    model = _tiny("llama")
+    batch = collate_padded(_rows([6, 9]), pad_token_id=0)
+    loss = masked_lm_loss(model, batch).loss_sum
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()

@@ -177,88 +177,184 @@ def _body_inputs(batch: dict[str, torch.Tensor], attn_implementation: str | None
             inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
         # sdpa/eager/flex: transformers' masking_utils sees position_ids restart with no attention_mask and
         # builds the block-diagonal causal mask itself (sliding windows included), so nothing else is passed.
-    elif "attention_mask" in batch:
+    elif "attention_mask" in batch and not _right_padded_on_cpu(batch["attention_mask"]):
         inputs["attention_mask"] = batch["attention_mask"]
     return inputs
 
 
-def _gather_targets(model: nn.Module, batch: dict[str, torch.Tensor]):
-    """Run the body and return (hidden rows [N, H], targets [N], head, scale, softcap, selection mask)."""
+def _right_padded_on_cpu(mask: torch.Tensor) -> bool:
+    """Whether a CPU padding mask is ones then zeros in every row, so that leaving it out changes nothing.
+
+    Under the causal mask a real position attends only to earlier positions, which right padding keeps
+    real, and padded positions are never scored. Without the mask, SDPA takes its causal path, which
+    skips the blocks above the diagonal instead of masking them. The check reads the mask, so on
+    CUDA (a host sync) the mask is passed on as is.
+    """
+    return mask.device.type == "cpu" and mask.dim() == 2 and bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+def _gather_targets(model: nn.Module, batch: dict[str, torch.Tensor], *, fused_training: bool = False):
+    """Run the body; return (hidden rows [N, H], targets [N], head, head weight, scale, softcap, selection).
+
+    With `fused_training` and an LM head tied to the input embedding, the body runs with a sparse
+    embedding gradient and the head reads its weight through `_LateGrad`; see `_tied_embedding`.
+    """
     body, head, config = split_model(model)
-    out = body(**_body_inputs(batch, getattr(config, "_attn_implementation", None)))
+    inputs = _body_inputs(batch, getattr(config, "_attn_implementation", None))
+    embedding = _tied_embedding(model, head) if fused_training else None
+    weight = head.weight
+    if embedding is None:
+        out = body(**inputs)
+    else:
+        weight = _LateGrad.apply(head.weight)  # before the body runs: see _LateGrad
+        embedding.sparse = True
+        try:
+            out = body(**inputs)
+        finally:
+            embedding.sparse = False
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     labels = batch["labels"].to(hidden.device)
     shifted = labels[:, 1:]
     selected = shifted != IGNORE_INDEX
     scale, softcap = _logit_transform(config)
-    return hidden[:, :-1][selected], shifted[selected], head, scale, softcap, selected
+    return hidden[:, :-1][selected], shifted[selected], head, weight, scale, softcap, selected
+
+
+def _tied_embedding(model: nn.Module, head: nn.Module) -> nn.Embedding | None:
+    """The input embedding when it shares its weight with a trainable plain-Linear head (one process only).
+
+    Its gradient is then made cheap. By default the embedding's backward writes a dense [V, H] zero
+    tensor to scatter its few rows into, and autograd adds that to the head's [V, H] gradient out of
+    place: two vocabulary-sized allocations and three passes per micro-batch (with Gemma's 262k
+    vocabulary, 670 MB each), for a gradient that touches only the batch's token rows. With a sparse
+    embedding gradient that arrives first, autograd adds it into the head's dense gradient in place
+    (`InputBuffer::accumulate`), which is an index-add of those rows. The sum is the same either way.
+    Left out under torch.distributed, whose wrappers hook into the gradients themselves.
+    """
+    if not torch.is_grad_enabled() or type(head) is not nn.Linear or not head.weight.requires_grad:
+        return None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embedding = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    if not isinstance(embedding, nn.Embedding) or embedding.weight is not head.weight or embedding.sparse:
+        return None
+    return embedding
+
+
+class _LateGrad(torch.autograd.Function):
+    """Identity on the head weight whose backward runs after the body's, so the sparse gradient comes first.
+
+    Autograd runs the ready node with the highest sequence number first, and this node is created
+    before the body's forward, so it hands the head's dense gradient on only once the embedding's
+    sparse one has reached the weight; autograd then adds the sparse one into it in place. Should the
+    order ever differ, the sum is still right, only made out of place.
+    """
+
+    @staticmethod
+    def forward(ctx, weight):
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+_CHUNK_BYTES = 128 * 2 ** 20
+"""fp32 logits per chunk of the fused head (the log-probabilities take as much again): [chunk, V] x 4 B."""
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Σ cross-entropy of (head(hidden)) over chunks, with the gradients computed during the forward.
 
     Only one chunk's [chunk, V] logits exist at a time and nothing is recomputed in backward: the
-    gradient w.r.t. the hidden rows ([N, H]) and the head weight ([V, H], fp32) are kept instead,
-    which is what makes chunking worth it.
+    gradient w.r.t. the hidden rows ([N, H]) and the head weight ([V, H], fp32) are kept instead.
+    Per chunk: logits (written into one reused buffer), log-softmax (one row-wise kernel), the loss
+    gathered from it, its exp (the softmax) minus the one-hot targets as the logits' gradient, and the
+    two products of that with the rows and the weight. The kept gradients are scaled in place in
+    backward, which may therefore run once (no `retain_graph`).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap, count_correct):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        n = hidden.shape[0]
+        chunk_size = max(1, min(chunk_size, n))
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_weight = None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
-        for start in range(0, hidden.shape[0], chunk_size):
+        plain = weight.dtype == torch.float32 and bias is None and scale == 1.0 and softcap is None
+        logits_buffer = torch.empty(chunk_size, weight.shape[0], dtype=torch.float32, device=hidden.device)
+        logp_buffer = torch.empty_like(logits_buffer)
+        for start in range(0, n, chunk_size):
             rows = hidden[start:start + chunk_size]
             tgt = targets[start:start + chunk_size]
-            logits = _transform(F.linear(rows, weight, bias).float(), scale, softcap)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, tgt[:, None]).squeeze(1)).sum()
+            if plain:
+                logits = torch.mm(rows, weight.t(), out=logits_buffer[:rows.shape[0]])
+            else:
+                logits = _transform(F.linear(rows, weight, bias).float(), scale, softcap)
+            logp = torch.log_softmax(logits, dim=-1, out=logp_buffer[:rows.shape[0]])
+            loss -= logp.gather(1, tgt[:, None]).sum()
             if count_correct:
                 correct += (logits.argmax(dim=-1) == tgt).sum()
             # d(-log softmax[target]) / d logits = softmax - onehot(target), computed in place.
-            softcap_slope = 1.0 - (logits / softcap).square() if softcap is not None else None
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad.scatter_add_(1, tgt[:, None], torch.full_like(lse[:, None], -1.0))
-            if softcap_slope is not None:
-                grad.mul_(softcap_slope)
+            grad = logp.exp_()
+            grad.scatter_add_(1, tgt[:, None], torch.full_like(tgt[:, None], -1, dtype=grad.dtype))
+            if softcap is not None:
+                grad.mul_(1.0 - (logits / softcap).square())
             if scale != 1.0:
                 grad.mul_(scale)
             grad = grad.to(weight.dtype)
             if need_hidden:
-                grad_hidden[start:start + chunk_size] = grad @ weight
+                torch.mm(grad, weight, out=grad_hidden[start:start + chunk_size])
             if need_weight:
-                if weight.dtype == torch.float32:
+                if grad_weight is None:  # the first chunk's product, not a zero-filled [V, H] plus it
+                    grad_weight = (grad.t() @ rows).float()
+                elif weight.dtype == torch.float32:
                     grad_weight.addmm_(grad.t(), rows)
                 else:
                     grad_weight += (grad.t() @ rows).float()
             if need_bias:
                 grad_bias += grad.float().sum(0)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        if need_weight and grad_weight is None:  # no targets: an exact zero gradient
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.param_dtype = weight.dtype
         ctx.mark_non_differentiable(correct)
         return loss, correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("the fused LM-head loss can be back-propagated only once (no retain_graph)")
+        grad_hidden, grad_weight, grad_bias = ctx.grads
+        ctx.grads = None  # handed on below: the engine may then add into them in place
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
         # The head gradients were accumulated in fp32; hand them back in the parameters' dtype.
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(ctx.param_dtype)
+            grad_weight = grad_weight.mul_(grad_loss).to(ctx.param_dtype)
         if grad_bias is not None:
-            grad_bias = (grad_bias * grad_loss).to(ctx.param_dtype)
+            grad_bias = grad_bias.mul_(grad_loss).to(ctx.param_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
-def _use_fused(head: nn.Module, hidden: torch.Tensor, max_chunk_tokens: int) -> bool:
-    """Chunk through the fused function only when it caps memory and its gradients are needed."""
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+def _use_fused(head: nn.Module, hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Train through the fused function whenever its gradients are needed and the head is a plain Linear.
+
+    It needs less memory than autograd (which keeps the logits and their log-softmax for backward)
+    and less time (no log-softmax backward, no zero-filled [V, H] gradient), at any size.
+    """
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     # Only a plain Linear: a LoRA-wrapped or quantised head computes something other than hidden @ W^T.
-    return hidden.shape[0] > max_chunk_tokens and needs_grad and type(head) is nn.Linear
+    return needs_grad and type(head) is nn.Linear
+
+
+def _chunk_rows(max_chunk_tokens: int, vocab: int) -> int:
+    """Rows per chunk of the fused head: `max_chunk_tokens`, fewer when their logits would pass _CHUNK_BYTES."""
+    return max(1, min(max_chunk_tokens, _CHUNK_BYTES // (4 * vocab)))
 
 
 def _per_token_ce(hidden, targets, head, scale, softcap, chunk_size: int,
@@ -283,18 +379,21 @@ def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, compute_
                    max_chunk_tokens: int = 4096, per_row: bool = False) -> LossOutput:
     """Sum of -log p over the batch's targets through the selective LM head; see the module docstring.
 
-    With more than `max_chunk_tokens` targets (and gradients needed) the head and cross-entropy run in
-    chunks whose gradients are computed in the forward pass, capping the logits memory at one chunk.
-    `per_row=True` also returns per-row sums for sequence normalisation; it takes the unchunked path,
-    so it does not cap the logits memory.
+    When gradients are needed, the head and cross-entropy run in chunks of at most `max_chunk_tokens`
+    targets (fewer for a large vocabulary: about 128 MB of logits) whose gradients are computed in the
+    forward pass, capping the logits memory at one chunk. Without gradients (evaluation) the chunks are
+    `max_chunk_tokens` long. `per_row=True` also returns per-row sums for sequence normalisation; it
+    takes the unchunked autograd path, so it does not cap the logits memory.
     """
     if max_chunk_tokens < 1:
         raise ValueError("max_chunk_tokens must be at least 1")
-    hidden, targets, head, scale, softcap, selected = _gather_targets(model, batch)
+    hidden, targets, head, weight, scale, softcap, selected = _gather_targets(
+        model, batch, fused_training=not per_row)
     num_targets = int(targets.shape[0])
-    if not per_row and _use_fused(head, hidden, max_chunk_tokens):
+    if not per_row and _use_fused(head, hidden, weight):
         loss_sum, correct = _FusedLinearCrossEntropy.apply(
-            hidden, head.weight, head.bias, targets, max_chunk_tokens, scale, softcap, compute_accuracy)
+            hidden, weight, head.bias, targets, _chunk_rows(max_chunk_tokens, weight.shape[0]), scale, softcap,
+            compute_accuracy)
         return LossOutput(loss_sum, num_targets, correct if compute_accuracy else None)
 
     # Zero targets run the head on an empty [0, H] input: the sum is an exact 0 that is still connected to
@@ -316,5 +415,5 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor], *, max_chunk_
     Target i is the token at `(b, t + 1)` for the i-th `(b, t)` of `torch.nonzero(labels[:, 1:] != -100)`.
     Call it under `torch.no_grad()` for evaluation: then only one chunk's logits exist at a time.
     """
-    hidden, targets, head, scale, softcap, _ = _gather_targets(model, batch)
+    hidden, targets, head, _, scale, softcap, _ = _gather_targets(model, batch)
     return _per_token_ce(hidden, targets, head, scale, softcap, max_chunk_tokens)[0]
