@@ -288,7 +288,7 @@ def _profile(fn) -> None:
     """Run `fn` under torch.profiler; print the ops that take the time and a summary by kind."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
         fn()
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=55))
@@ -307,6 +307,16 @@ def _profile(fn) -> None:
         print(f"  {kind:<28} {spent / 1e6:7.2f} s  {100 * spent / total:5.1f} %")
     rest = total - sum(e.self_cpu_time_total for e in averages if e.key in named)
     print(f"  {'everything else':<28} {rest / 1e6:7.2f} s  {100 * rest / total:5.1f} %")
+    mm = [e for e in averages if e.key in kinds["matmul (mm/addmm/bmm)"]]
+    flops, spent = sum(e.flops for e in mm), sum(e.self_cpu_time_total for e in mm) / 1e6
+    print(f"matrix products: {flops / 1e12:.2f} TFLOP in {spent:.2f} s = {flops / spent / 1e9:.0f} GFLOP/s")
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    slow = sorted((e for e in by_shape if e.key in ("aten::mm", "aten::addmm_") and e.flops),
+                  key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    print("largest matrix products by shape (GFLOP/s):")
+    for e in slow:
+        rate = e.flops / (e.self_cpu_time_total / 1e6) / 1e9
+        print(f"  {e.key:<13} {str(e.input_shapes)[:70]:<70} x{e.count:<4} {e.self_cpu_time_total / 1e6:6.2f} s {rate:5.0f}")
 
 
 def child_main(job: dict) -> None:
@@ -314,6 +324,9 @@ def child_main(job: dict) -> None:
     if side == "peak":
         result = child_peak()
     elif side == "instructune":
+        from instructune.openmp import bound_openmp_spinning
+
+        bound_openmp_spinning()  # what `instructune train` does before torch loads OpenMP
         result = child_instructune(job)
     else:
         import warnings

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 from instructune.errors import UserError
+from instructune.openmp import bound_openmp_spinning
 
 
 def run_compare(arguments: list[str], *, heldout: str | None = None, max_new_tokens: int = 32,
                 examples: int = 8, console=None) -> int:
     """Run the command; returns the exit status."""
-    # Before torch loads OpenMP (this module imports nothing that loads it): see train_command.run_train.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    bound_openmp_spinning()  # before torch loads OpenMP (this module imports nothing that loads it)
     from rich.console import Console
 
     from instructune.compare import CompareOptions, compare_config, run_study

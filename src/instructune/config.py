@@ -66,6 +66,8 @@ class TrainConfig:
     """Weight dtype; auto: float32 on CPU (bf16 is ~100x slower there), bfloat16 on CUDA."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower; off unless memory demands it)."""
+    fused_layers: bool = True
+    """Lean RMSNorm and gated-MLP backward for known families: same outputs, ~1/3 fewer saved activations."""
 
     # Data
     template: str | None = None

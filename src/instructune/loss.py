@@ -260,7 +260,7 @@ class _LateGrad(torch.autograd.Function):
         return grad
 
 
-_CHUNK_BYTES = 128 * 2 ** 20
+_CHUNK_BYTES = 32 * 2 ** 20
 """fp32 logits per chunk of the fused head (the log-probabilities take as much again): [chunk, V] x 4 B."""
 
 
@@ -380,7 +380,7 @@ def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, compute_
     """Sum of -log p over the batch's targets through the selective LM head; see the module docstring.
 
     When gradients are needed, the head and cross-entropy run in chunks of at most `max_chunk_tokens`
-    targets (fewer for a large vocabulary: about 128 MB of logits) whose gradients are computed in the
+    targets (fewer for a large vocabulary: about 32 MB of logits) whose gradients are computed in the
     forward pass, capping the logits memory at one chunk. Without gradients (evaluation) the chunks are
     `max_chunk_tokens` long. `per_row=True` also returns per-row sums for sequence normalisation; it
     takes the unchunked autograd path, so it does not cap the logits memory.

@@ -190,6 +190,10 @@ def build_model(config: TrainConfig, tokenizer, template: str, device: torch.dev
 
             set_peft_model_state_dict(model, load_file(str(resume_from / "adapter_model.safetensors"),
                                                        device=str(device)))
+    if config.fused_layers:
+        from instructune.fused_layers import apply_fused_layers
+
+        apply_fused_layers(model)  # after LoRA, which it sees: an MLP with an adapter on down_proj is left alone
     model.train()
     return model
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from instructune.errors import UserError
+from instructune.openmp import bound_openmp_spinning
 
 
 def split_arguments(arguments: list[str]) -> tuple[str | None, list[str]]:
@@ -21,10 +21,7 @@ def split_arguments(arguments: list[str]) -> tuple[str | None, list[str]]:
 
 def run_train(arguments: list[str]) -> int:
     """Run the command; returns the exit status."""
-    # Before torch loads OpenMP: idle worker threads sleep instead of spinning. On a shared or busy CPU a
-    # spinning thread waits for a descheduled peer at every barrier; measured on 2 cores with other jobs
-    # running, a SmolLM2 step took 10-30 s with spinning and 2.9 s with passive waiting.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    bound_openmp_spinning()  # before torch loads OpenMP; see instructune.openmp
     config_path, overrides = split_arguments(arguments)
     if config_path is None:
         from instructune.default_job import run_default_job

@@ -1,0 +1,162 @@
+"""Memory-lean RMSNorm and gated MLP: the same forward, with fewer activations kept for backward.
+
+Training memory on a CPU is weights + gradients + AdamW states + the activations autograd keeps for
+backward, and for a small model the activations are the part that grows with the batch. Two layers
+keep more than their backward needs when autograd records them op by op:
+
+- RMSNorm `w * (x * rsqrt(mean(x²) + eps))` keeps x, the normalised x and rsqrt; backward needs only
+  x and rsqrt (the normalised x is one multiply away).
+- The gated MLP `down(act(gate) * up)` keeps gate, act(gate), up and the product (the input of
+  `down`): four [tokens, intermediate] tensors, the largest activations of a decoder layer. Backward
+  needs only gate and up: act(gate) and the product are recomputed, which is two element-wise passes
+  and no matrix product.
+
+Here each is one autograd function that saves just those. The forward runs the very ops of the
+model's own forward (so its output is bitwise the same); backward is the closed form, equal to
+autograd's up to float rounding. For SmolLM2-135M that is 36 % fewer saved activations per token.
+
+Applied only to the module classes named below (their forwards are pinned by the tests), and only to
+a gated MLP whose three projections are plain `nn.Linear` (a LoRA-wrapped `down_proj` keeps the
+model's forward: the adapter needs its own input).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RMS_NORMS = {
+    # class name -> whether the scale is (1 + weight), computed in fp32 (Gemma), or weight (Llama).
+    "LlamaRMSNorm": False, "Qwen2RMSNorm": False, "Qwen3RMSNorm": False, "MistralRMSNorm": False,
+    "GraniteRMSNorm": False, "SmolLM3RMSNorm": False, "Gemma3RMSNorm": True, "Gemma2RMSNorm": True,
+}
+GATED_MLPS = {"LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GraniteMLP", "SmolLM3MLP", "Gemma3MLP",
+              "Gemma2MLP"}
+
+
+def apply_fused_layers(model: nn.Module) -> int:
+    """Give every known RMSNorm and gated MLP of `model` its lean forward; returns how many were changed."""
+    changed = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if name in RMS_NORMS and isinstance(getattr(module, "weight", None), nn.Parameter):
+            eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+            if eps is not None:
+                module.forward = types.MethodType(
+                    functools.partial(_rms_norm_forward, eps=float(eps), offset=RMS_NORMS[name]), module)
+                changed += 1
+        elif name in GATED_MLPS and _activation_kind(getattr(module, "act_fn", None)) is not None and all(
+                type(getattr(module, proj, None)) is nn.Linear for proj in ("gate_proj", "up_proj", "down_proj")):
+            module.forward = types.MethodType(_gated_mlp_forward, module)
+            changed += 1
+    return changed
+
+
+def _activation_kind(act) -> str | None:
+    """'silu' or 'gelu_tanh' for the activations the MLP function knows, else None."""
+    if isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation":
+        return "silu"
+    inner = getattr(act, "act", None)  # transformers' GELUTanh holds functools.partial(F.gelu, approximate="tanh")
+    if type(act).__name__ == "GELUTanh" and isinstance(inner, functools.partial) and inner.func is F.gelu \
+            and inner.keywords == {"approximate": "tanh"}:
+        return "gelu_tanh"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# RMSNorm
+
+def _rms_norm_forward(self, hidden_states: torch.Tensor, *, eps: float, offset: bool) -> torch.Tensor:
+    if not (torch.is_grad_enabled() and (hidden_states.requires_grad or self.weight.requires_grad)):
+        return _rms_norm(hidden_states, self.weight, eps, offset)[0]
+    return _RMSNorm.apply(hidden_states, self.weight, eps, offset)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool):
+    """The models' own forward, op for op; returns (output, rsqrt of the mean square) ."""
+    xf = x.to(torch.float32)
+    inv_rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:  # Gemma: (x * w) in fp32, then the input dtype
+        return (xf * inv_rms * (1.0 + weight.float())).type_as(x), inv_rms
+    return weight * (xf * inv_rms).to(x.dtype), inv_rms
+
+
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm keeping x and rsqrt(mean(x²) + eps) for backward: y = x·r, out = scale·y.
+
+    dx = r · (dy − y · mean(dy · y)) with dy = scale · dout; dweight = Σ dout · y over the tokens.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset):
+        out, inv_rms = _rms_norm(x, weight, eps, offset)
+        ctx.save_for_backward(x, weight, inv_rms)
+        ctx.offset = offset
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, inv_rms = ctx.saved_tensors
+        y = x.to(torch.float32) * inv_rms
+        grad_out = grad_out.to(torch.float32)
+        scale = (1.0 + weight.float()) if ctx.offset else weight.float()
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_out * y).reshape(-1, y.shape[-1]).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_y = grad_out * scale  # not in place: the incoming gradient may be the caller's tensor
+            grad_x = (grad_y - y * (grad_y * y).mean(-1, keepdim=True)).mul_(inv_rms).to(x.dtype)
+        return grad_x, grad_weight, None, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gated MLP: down(act(gate(x)) * up(x))
+
+def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj
+    kind = _activation_kind(self.act_fn)
+    if type(down) is not nn.Linear or not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad or down.weight.requires_grad)):
+        return down(self.act_fn(gate) * up)
+    return _GatedDown.apply(gate, up, down.weight, down.bias, kind)
+
+
+def _activate(gate: torch.Tensor, kind: str) -> torch.Tensor:
+    return F.silu(gate) if kind == "silu" else F.gelu(gate, approximate="tanh")
+
+
+class _GatedDown(torch.autograd.Function):
+    """down(act(gate) · up) keeping gate and up only; act(gate) and the product are recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, kind):
+        ctx.save_for_backward(gate, up, weight)
+        ctx.kind, ctx.has_bias = kind, bias is not None
+        return F.linear(_activate(gate, kind) * up, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up, weight = ctx.saved_tensors
+        need_gate, need_up, need_weight, need_bias = ctx.needs_input_grad[:4]
+        activated = _activate(gate, ctx.kind)
+        grad_weight = grad_bias = grad_gate = grad_up = None
+        flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
+        if need_weight:
+            product = (activated * up).reshape(-1, up.shape[-1])
+            grad_weight = flat_grad.t() @ product
+            del product
+        if need_bias and ctx.has_bias:
+            grad_bias = flat_grad.sum(0)
+        grad_product = grad_out @ weight
+        if need_up:
+            grad_up = grad_product * activated
+        if need_gate:
+            grad_activated = grad_product.mul_(up)  # grad_product is not used again
+            if ctx.kind == "silu":
+                grad_gate = torch.ops.aten.silu_backward(grad_activated, gate)
+            else:
+                grad_gate = torch.ops.aten.gelu_backward(grad_activated, gate, approximate="tanh")
+        return grad_gate, grad_up, grad_weight, grad_bias, None
