@@ -335,10 +335,30 @@ def _optimizer_step(run: TrainingRun, batches: list[dict[str, torch.Tensor]], de
         loss.backward()
         total += loss.detach()
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf, foreach=True)
+    if run.optimizer.defaults.get("fused") and not run.parallel.sharded:
+        grad_norm = _clip_in_optimizer(run.optimizer, params, config.max_grad_norm)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf, foreach=True)
     run.optimizer.step()
+    run.optimizer.grad_scale = None
     run.optimizer.zero_grad(set_to_none=True)
     return run.parallel.sum(total)[0], float(grad_norm)  # the step's one host sync (and all-reduce of the loss)
+
+
+def _clip_in_optimizer(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                       max_norm: float | None) -> torch.Tensor:
+    """Global-norm clipping done by the fused AdamW kernel as it reads each gradient; returns the norm.
+
+    `clip_grad_norm_` multiplies every gradient by the clipping factor in place: a read and a write of
+    all gradients. The fused kernel already reads them, and divides each by `optimizer.grad_scale`
+    when one is set (the hook `GradScaler` uses), so the factor is handed over as 1 / factor instead.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if max_norm:
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # clip_grad_norm_'s factor
+        optimizer.grad_scale = factor.reciprocal()
+    return norm
 
 
 def _save(run: TrainingRun, step: int, epoch: int) -> None:
