@@ -114,6 +114,36 @@ def model_specs(workloads: list[Workload]) -> dict[str, tuple[str, str]]:
     return specs
 
 
+def with_template_tokens(folder: str, template: str) -> str:
+    """The model with a built-in template's markers already in its vocabulary, resized once (seeded).
+
+    Resizing draws the new embedding rows at random, so a model that each side resized itself would
+    start from different weights; both sides load this copy instead and neither resizes.
+    """
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from instructune.data.templates import add_template_tokens
+    from instructune.model import cache_dir
+
+    target = cache_dir() / "bench" / f"{Path(folder).name}-{template}"
+    if (target / "config.json").is_file():
+        return str(target)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    add_template_tokens(tokenizer, template)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    torch.manual_seed(0)
+    model.resize_token_embeddings(len(tokenizer))
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return str(target)
+
+
 def write_rows(data: str, rows: int, folder: Path) -> Path:
     """The first `rows` rows of a data set as an Alpaca-style JSON file (instruction, input, output)."""
     if data == "alpaca":
@@ -397,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             spec, folder = specs[w.model]
             template_text = added = None
             if w.template is not None:
+                spec = folder = with_template_tokens(folder, w.template)  # the same starting weights
                 # The Gemma tokenizer's own BOS, which instructune's encoder puts first when a template does
                 # not, is written by the template for TRL, so that both sides train on identical ids.
                 template_text = "{{ bos_token }}" + BUILTIN_TEMPLATES[w.template]
