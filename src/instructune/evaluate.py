@@ -135,18 +135,10 @@ def generate_answers(loaded, conversations: list[Conversation], *, max_new_token
     from instructune.generation import encode_prompts, greedy_generate, prompt_conversation
 
     prompts = encode_prompts(loaded.tokenizer, loaded.template, [prompt_conversation(c) for c in conversations])
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        chosen = order[start:start + batch_size]
-        outputs = greedy_generate(loaded.model, [prompts[i] for i in chosen], pad_token_id=loaded.pad_token_id,
-                                  stop_token_ids=loaded.stop_token_ids, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size)
-        for i, ids in zip(chosen, outputs):
-            answers[i] = loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        if advance is not None:
-            advance(len(chosen))
-    return answers
+    outputs = greedy_generate(loaded.model, prompts, pad_token_id=loaded.pad_token_id,
+                              stop_token_ids=loaded.stop_token_ids, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, on_batch=advance)
+    return [loaded.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
 
 
 def evaluate_dataset(loaded, data: str, *, data_format: str | None = None, train_on: str = "assistant",

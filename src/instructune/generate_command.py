@@ -89,17 +89,9 @@ def generate_for(loaded, conversations: list[Conversation], *, max_new_tokens: i
         outputs = sample_generate(loaded, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, batch_size=batch_size, on_batch=advance)
     else:
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        outputs = [[] for _ in prompts]
-        for start in range(0, len(order), batch_size):
-            chosen = order[start:start + batch_size]
-            batch = greedy_generate(loaded.model, [prompts[i] for i in chosen], pad_token_id=loaded.pad_token_id,
-                                    stop_token_ids=loaded.stop_token_ids, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size)
-            for i, ids in zip(chosen, batch):
-                outputs[i] = ids
-            if advance is not None:
-                advance(len(chosen))
+        outputs = greedy_generate(loaded.model, prompts, pad_token_id=loaded.pad_token_id,
+                                  stop_token_ids=loaded.stop_token_ids, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, on_batch=advance)
     return [loaded.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
 
 

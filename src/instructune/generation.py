@@ -9,6 +9,7 @@ cache; only the last position's logits are computed at each step.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 
@@ -38,8 +39,12 @@ def _accepts_logits_to_keep(model) -> bool:
 
 @torch.no_grad()
 def greedy_generate(model, prompts: list[list[int]], *, pad_token_id: int, stop_token_ids: list[int],
-                    max_new_tokens: int = 64, batch_size: int = 8) -> list[list[int]]:
-    """The greedy continuation of each prompt (without the stop token), batched by similar length."""
+                    max_new_tokens: int = 64, batch_size: int = 8,
+                    on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+    """The greedy continuation of each prompt (without the stop token), batched by similar length.
+
+    Results are in input order; `on_batch(n)` is called after every batch of n prompts.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -76,6 +81,8 @@ def greedy_generate(model, prompts: list[list[int]], *, pad_token_id: int, stop_
         for row, i in enumerate(chosen):
             stop_at = next((k for k, t in enumerate(tokens[row]) if t in stop_token_ids), len(tokens[row]))
             results[i] = tokens[row][:stop_at]
+        if on_batch is not None:
+            on_batch(len(chosen))
     model.train(was_training)
     return results
 
