@@ -50,7 +50,7 @@ from instructune.distributed import NoMetrics, Parallel, init_distributed, shutd
 from instructune.errors import UserError
 from instructune.loss import row_mean_sum
 from instructune.metrics import METRICS_FILE, MetricsLogger, ProgressReporter, plot_losses
-from instructune.optim import build_optimizer, default_warmup_steps, lr_at, set_lr
+from instructune.optim import build_optimizer, default_warmup_steps, grad_norm, lr_at, set_lr
 from instructune.step_plan import StepPlan, step_counts
 
 RUN_FILES = ("config.yaml", METRICS_FILE, "loss.png", "tensorboard", "merged")
@@ -335,29 +335,31 @@ def _optimizer_step(run: TrainingRun, batches: list[dict[str, torch.Tensor]], de
         loss.backward()
         total += loss.detach()
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
-    if run.optimizer.defaults.get("fused") and not run.parallel.sharded:
-        grad_norm = _clip_in_optimizer(run.optimizer, params, config.max_grad_norm)
+    if run.parallel.sharded:  # FSDP: torch's clipping knows how to reduce the norm over the shards
+        norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf, foreach=True)
     else:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf, foreach=True)
+        norm = _clip(run.optimizer, params, config.max_grad_norm)
     run.optimizer.step()
     run.optimizer.grad_scale = None
     run.optimizer.zero_grad(set_to_none=True)
-    return run.parallel.sum(total)[0], float(grad_norm)  # the step's one host sync (and all-reduce of the loss)
+    return run.parallel.sum(total)[0], float(norm)  # the step's one host sync (and all-reduce of the loss)
 
 
-def _clip_in_optimizer(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
-                       max_norm: float | None) -> torch.Tensor:
-    """Global-norm clipping done by the fused AdamW kernel as it reads each gradient; returns the norm.
+def _clip(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Global-norm clipping (`clip_grad_norm_`'s factor, `grad_norm`'s accurate norm); returns the norm.
 
     `clip_grad_norm_` multiplies every gradient by the clipping factor in place: a read and a write of
-    all gradients. The fused kernel already reads them, and divides each by `optimizer.grad_scale`
-    when one is set (the hook `GradScaler` uses), so the factor is handed over as 1 / factor instead.
+    all gradients. The fused AdamW kernel already reads them, and divides each by `optimizer.grad_scale`
+    when one is set (the hook `GradScaler` uses), so there the factor is handed over as 1 / factor.
     """
     grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-    if max_norm:
-        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # clip_grad_norm_'s factor
-        optimizer.grad_scale = factor.reciprocal()
+    norm = grad_norm(grads)
+    if max_norm and grads:
+        factor = torch.clamp(max_norm / (norm.to(grads[0].device) + 1e-6), max=1.0)
+        if optimizer.defaults.get("fused"):
+            optimizer.grad_scale = factor.reciprocal()
+        else:
+            torch._foreach_mul_(grads, factor)
     return norm
 
 
