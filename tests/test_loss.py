@@ -12,6 +12,7 @@ from instructune.loss import (
     _body_inputs,
     count_targets,
     masked_lm_loss,
+    recycle_head_gradient,
     row_mean_sum,
     row_target_counts,
     step_normalizer,
@@ -302,3 +303,42 @@ def test_fused_head_loss_refuses_a_second_backward():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="only once"):
         loss.backward()
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_tied"])
+def test_recycled_head_gradient_is_reused_in_place_and_changes_nothing(family):
+    # Two steps of micro-batches: the second step's head gradient is written into the first step's
+    # tensor (same memory, no fresh [V, H] allocation), and equals the reference computed without it.
+    model = _tiny(family)
+    head = model.get_output_embeddings()
+    steps = [_split(_rows(LENGTHS, seed=seed, prompt_fraction=0.4), 2) for seed in (1, 2)]
+    reference = []
+    for micro in steps:
+        reference.append(_accumulate(model, micro))
+        model.zero_grad(set_to_none=True)
+    ours, addresses = [], []
+    for micro in steps:
+        ours.append(_accumulate(model, micro))
+        addresses.append(head.weight.grad.data_ptr())
+        recycle_head_gradient(model)
+        assert head.weight.grad is None
+        model.zero_grad(set_to_none=True)
+    assert addresses[0] == addresses[1]
+    for a, b in zip(ours, reference):
+        _assert_same(a, b)
+
+
+@pytest.mark.parametrize("holder", ["variable", "view"])
+def test_head_gradient_held_elsewhere_is_never_overwritten(holder):
+    model = _tiny("llama")
+    head = model.get_output_embeddings()
+    micro = _split(_rows(LENGTHS, prompt_fraction=0.4), 1)
+    _accumulate(model, micro)
+    # A user's reference to last step's gradient: the tensor itself, or a view of it.
+    kept = head.weight.grad if holder == "variable" else head.weight.grad[2:]
+    before = kept.clone()
+    recycle_head_gradient(model)
+    model.zero_grad(set_to_none=True)
+    _accumulate(model, _split(_rows(LENGTHS, seed=3, prompt_fraction=0.4), 1))
+    assert head.weight.grad.data_ptr() != kept.data_ptr()
+    torch.testing.assert_close(kept, before, atol=0, rtol=0)

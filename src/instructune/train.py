@@ -48,7 +48,7 @@ from instructune.data.batching import collate_packed, collate_padded
 from instructune.data.encoded import EncodedRow
 from instructune.distributed import NoMetrics, Parallel, init_distributed, shutdown, without_targets
 from instructune.errors import UserError
-from instructune.loss import row_mean_sum
+from instructune.loss import recycle_head_gradient, row_mean_sum
 from instructune.metrics import METRICS_FILE, MetricsLogger, ProgressReporter, plot_losses
 from instructune.optim import build_optimizer, default_warmup_steps, grad_norm, lr_at, set_lr
 from instructune.step_plan import StepPlan, step_counts
@@ -341,6 +341,7 @@ def _optimizer_step(run: TrainingRun, batches: list[dict[str, torch.Tensor]], de
         norm = _clip(run.optimizer, params, config.max_grad_norm)
     run.optimizer.step()
     run.optimizer.grad_scale = None
+    recycle_head_gradient(run.model)  # its memory stays mapped for the next step's head
     run.optimizer.zero_grad(set_to_none=True)
     return run.parallel.sum(total)[0], float(norm)  # the step's one host sync (and all-reduce of the loss)
 
