@@ -102,12 +102,17 @@ def test_eval_split_is_disjoint_and_fixed_by_the_seed():
 
 def _gradients(run, groups):
     """The loss and gradients of one step over `groups` of rows, leaving the weights as they are."""
-    from instructune.train import _collate
+    import instructune.train as train_module
 
-    batches = [_collate(run, g) for g in groups]
+    batches = [train_module._collate(run, g) for g in groups]
     run.model.zero_grad(set_to_none=True)
     run.optimizer.step = run.optimizer.zero_grad = lambda *args, **kwargs: None
-    loss, _ = _optimizer_step(run, batches, step_denominator(batches, run.config.loss_normalization), 0.0)
+    recycle = train_module.recycle_head_gradient
+    train_module.recycle_head_gradient = lambda model: None  # leave the gradients on the weights to read
+    try:
+        loss, _ = _optimizer_step(run, batches, step_denominator(batches, run.config.loss_normalization), 0.0)
+    finally:
+        train_module.recycle_head_gradient = recycle
     return loss, {n: p.grad.clone() for n, p in run.model.named_parameters()}
 
 
@@ -252,3 +257,19 @@ def test_batched_greedy_generation_equals_one_at_a_time(tiny):
                 expected.append(token)
                 ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
         assert output == expected
+
+
+def test_training_collates_padding_free_only_when_the_attention_takes_boundaries(tiny, tmp_path):
+    from instructune.train import _collate
+    from instructune.varlen_attention import takes_row_boundaries
+
+    run = setup_run(config_for(tiny, tmp_path / "flat"))
+    assert takes_row_boundaries(run.model)
+    batch = _collate(run, [0, 1, 2])
+    assert "cu_seq_lens" in batch and "attention_mask" not in batch
+    lengths = [len(run.train_rows[i]) for i in (0, 1, 2)]
+    assert batch["input_ids"].shape == (1, sum(lengths))
+
+    padded = setup_run(config_for(tiny, tmp_path / "padded", padding_free=False))
+    assert not takes_row_boundaries(padded.model)
+    assert "attention_mask" in _collate(padded, [0, 1, 2])

@@ -14,16 +14,16 @@ import time
 
 import torch
 
-from instructune.data.batching import collate_packed, collate_padded
 from instructune.data.encoded import EncodedRow
 from instructune.loss import masked_lm_loss, step_normalizer
 
 
 def _forward_backward_seconds(run, rows: list[EncodedRow], groups: list[list[int]]) -> float:
     """Seconds for one step's forward and backward passes over `rows` (no optimizer step)."""
-    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
-    collate = collate_packed if run.config.packing else collate_padded
-    batches = [{k: v.to(run.device) for k, v in collate([rows[i] for i in group], pad).items()} for group in groups]
+    from instructune.train import collate_rows
+
+    batches = [{k: v.to(run.device) for k, v in collate_rows(run, [rows[i] for i in group]).items()}
+               for group in groups]
     _synchronize(run.device)
     start = time.perf_counter()
     denominator = step_normalizer(batches)

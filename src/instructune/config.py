@@ -114,6 +114,8 @@ class TrainConfig:
     """token: sum over every trained token of the step / their count; sequence: mean of per-row means."""
     packing: bool = False
     """Pack several rows into each sequence (positions reset per row, no attention across rows)."""
+    padding_free: bool = True
+    """Concatenate a micro-batch's rows without padding, attention kept within each row (SDPA or flash-attn)."""
     seed: int = 42
     """Seed for initialisation, data order, the eval split and dropout."""
 

@@ -23,6 +23,7 @@ packed (`input_ids`, `labels`, `position_ids`, `cu_seq_lens`, batch size 1, no `
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import weakref
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from instructune import IGNORE_INDEX
+from instructune.varlen_attention import NAME as VARLEN_ATTENTION
+from instructune.varlen_attention import rows_given
 
 __all__ = [
     "LossOutput",
@@ -172,9 +175,9 @@ def _body_inputs(batch: dict[str, torch.Tensor], attn_implementation: str | None
             raise ValueError("a packed batch (cu_seq_lens) must not carry an attention_mask")
         if batch["input_ids"].shape[0] != 1 or "position_ids" not in batch:
             raise ValueError("a packed batch has batch size 1 and position_ids that restart at every row")
-        if attn_implementation and "flash" in attn_implementation:
+        if attn_implementation and ("flash" in attn_implementation or attn_implementation == VARLEN_ATTENTION):
             # Padding-free variable-length attention: hand the row boundaries over directly so flash-attention
-            # runs its varlen kernel without re-deriving them from position_ids.
+            # (or varlen_attention.py on CPU) runs per row without re-deriving them from position_ids.
             cu = batch["cu_seq_lens"].to(device=batch["input_ids"].device, dtype=torch.int32)
             max_len = int(cu.diff().max())
             inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
@@ -206,15 +209,16 @@ def _gather_targets(model: nn.Module, batch: dict[str, torch.Tensor], *, fused_t
     inputs = _body_inputs(batch, getattr(config, "_attn_implementation", None))
     embedding = _tied_embedding(model, head) if fused_training else None
     weight = head.weight
-    if embedding is None:
-        out = body(**inputs)
-    else:
-        weight = _LateGrad.apply(head.weight)  # before the body runs: see _LateGrad
-        embedding.sparse = True
-        try:
+    with rows_given() if "cu_seq_lens_q" in inputs else contextlib.nullcontext():
+        if embedding is None:
             out = body(**inputs)
-        finally:
-            embedding.sparse = False
+        else:
+            weight = _LateGrad.apply(head.weight)  # before the body runs: see _LateGrad
+            embedding.sparse = True
+            try:
+                out = body(**inputs)
+            finally:
+                embedding.sparse = False
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     labels = batch["labels"].to(hidden.device)
     shifted = labels[:, 1:]

@@ -52,6 +52,7 @@ from instructune.loss import recycle_head_gradient, row_mean_sum
 from instructune.metrics import METRICS_FILE, MetricsLogger, ProgressReporter, plot_losses
 from instructune.optim import build_optimizer, default_warmup_steps, grad_norm, lr_at, set_lr
 from instructune.step_plan import StepPlan, step_counts
+from instructune.varlen_attention import takes_row_boundaries, use_varlen_attention
 
 RUN_FILES = ("config.yaml", METRICS_FILE, "loss.png", "tensorboard", "merged")
 """What a run writes into its output folder besides checkpoints (removed by `overwrite: true`)."""
@@ -175,6 +176,9 @@ def build_model(config: TrainConfig, tokenizer, template: str, device: torch.dev
         # Padding-free packing: the loss hands flash-attention the row boundaries (varlen kernel), so no
         # mask is built at all. Without flash-attn, sdpa gets a block-diagonal mask from the positions.
         model.set_attn_implementation("flash_attention_2")
+    elif device.type == "cpu" and (config.padding_free or config.packing):
+        # Rows concatenated without padding; attention per row from the boundaries (varlen_attention.py).
+        use_varlen_attention(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -274,12 +278,18 @@ def _note_changed_settings(checkpoint: Path, config: TrainConfig, console) -> No
 # ---------------------------------------------------------------------------------------------------
 # Running it
 
+def collate_rows(run: TrainingRun, rows: list[EncodedRow]) -> dict[str, torch.Tensor]:
+    """A training micro-batch: one padding-free sequence when packing or when the attention takes row
+    boundaries (`padding_free`), else rows padded to the longest."""
+    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    flat = run.config.packing or (run.config.padding_free and takes_row_boundaries(run.model))
+    return collate_packed(rows, pad) if flat else collate_padded(rows, pad)
+
+
 def _collate(run: TrainingRun, indices: list[int]) -> dict[str, torch.Tensor]:
     if not indices:  # this rank's share of the micro-batch is empty: a row without targets keeps it in step
         return without_targets(_collate(run, [0]))
-    rows = [run.train_rows[i] for i in indices]
-    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
-    return collate_packed(rows, pad) if run.config.packing else collate_padded(rows, pad)
+    return collate_rows(run, [run.train_rows[i] for i in indices])
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
