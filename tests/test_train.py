@@ -273,3 +273,15 @@ def test_training_collates_padding_free_only_when_the_attention_takes_boundaries
     padded = setup_run(config_for(tiny, tmp_path / "padded", padding_free=False))
     assert not takes_row_boundaries(padded.model)
     assert "attention_mask" in _collate(padded, [0, 1, 2])
+
+
+def test_gradient_checkpointing_recomputes_padding_free_attention_per_row(tiny, tmp_path):
+    # The recomputed forward must get the row boundaries again (and no block mask): same loss and gradients.
+    plain = setup_run(config_for(tiny, tmp_path / "plain"))
+    checkpointed = setup_run(config_for(tiny, tmp_path / "checkpointed", gradient_checkpointing=True))
+    groups = [[1, 2, 3, 4], [5, 6]]
+    loss_plain, grads_plain = _gradients(plain, groups)
+    loss_checkpointed, grads_checkpointed = _gradients(checkpointed, groups)
+    assert math.isclose(loss_plain, loss_checkpointed, rel_tol=1e-6)
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
