@@ -145,7 +145,10 @@ def use_varlen_attention(model: nn.Module) -> bool:
     if getattr(config, "attn_logit_softcapping", None) is not None:
         return False
     register()
-    model.set_attn_implementation(NAME)
+    try:
+        model.set_attn_implementation(NAME)
+    except (ValueError, NotImplementedError):  # an architecture without transformers' attention interface
+        return False
     return True
 
 
