@@ -19,35 +19,13 @@ from instructune.loss import (
     step_row_count,
     token_losses,
 )
-from instructune.testing import make_tiny_model
+from instructune.testing import make_tiny_family_model
 
 VOCAB = 64
 
 
 def _tiny(family: str):
-    """A tiny randomly initialised causal LM of the given family, fp32."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
-    if family == "llama":
-        return make_tiny_model(VOCAB)
-    if family == "llama_tied":
-        return make_tiny_model(VOCAB, tie_word_embeddings=True)
-    if family == "qwen2":
-        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common)).float()
-    if family == "gemma3":
-        # A cap well below the raw logits so the tanh bends them; sliding window shorter than the rows.
-        config = tf.Gemma3TextConfig(**common, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
-                                     layer_types=["sliding_attention", "full_attention"],
-                                     final_logit_softcapping=0.25)
-        return tf.Gemma3ForCausalLM(config).float()
-    if family == "cohere":
-        return tf.CohereForCausalLM(tf.CohereConfig(**common, logit_scale=4.0)).float()
-    if family == "granite":
-        return tf.GraniteForCausalLM(tf.GraniteConfig(**common, logits_scaling=4.0)).float()
-    raise ValueError(family)
+    return make_tiny_family_model(family, VOCAB)
 
 
 def _rows(lengths, seed: int = 0, prompt_fraction: float = 0.5) -> list[dict]:

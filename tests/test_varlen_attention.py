@@ -10,7 +10,7 @@ import torch
 from instructune import IGNORE_INDEX
 from instructune.data.batching import collate_packed, collate_padded
 from instructune.loss import masked_lm_loss
-from instructune.testing import make_tiny_model
+from instructune.testing import make_tiny_family_model
 from instructune.varlen_attention import (
     NAME,
     _mask,
@@ -23,22 +23,7 @@ VOCAB = 64
 
 
 def _tiny(family: str):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
-    if family == "llama":
-        return make_tiny_model(VOCAB)
-    if family == "qwen2":
-        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common)).float()
-    if family == "gemma3":  # a sliding window shorter than most rows: the windowed mask path runs
-        config = tf.Gemma3TextConfig(**common, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
-                                     layer_types=["sliding_attention", "full_attention"])
-        return tf.Gemma3ForCausalLM(config).float()
-    if family == "mistral_window":
-        return tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=5)).float()
-    raise ValueError(family)
+    return make_tiny_family_model(family, VOCAB)
 
 
 def _rows(lengths, seed=0):
@@ -113,10 +98,22 @@ def test_no_mask_is_built_while_rows_are_given(monkeypatch):
     import transformers.masking_utils as masking
 
     calls = []
-    monkeypatch.setattr(masking, "sdpa_mask", lambda *a, **k: calls.append(1) or "mask")
+    real = masking.sdpa_mask
+    monkeypatch.setattr(masking, "sdpa_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
     with rows_given():
         assert _mask(batch_size=1) is None
-    assert _mask(batch_size=1) == "mask" and calls == [1]
+    # The loss opens rows_given() for a padding-free batch: the model builds no mask at all ...
+    model = _tiny("gemma3")  # sliding and full layers: two masks per forward otherwise
+    use_varlen_attention(model)
+    masked_lm_loss(model, collate_packed(_rows([9, 6]), pad_token_id=0)).loss_sum.backward()
+    assert calls == []
+    # ... and a padded batch gets SDPA's masks as before.
+    batch = collate_padded(_rows([9, 6]), pad_token_id=0)
+    batch["attention_mask"][1] = torch.roll(batch["attention_mask"][1], 3)  # left padding: the mask stays
+    batch["input_ids"][1] = torch.roll(batch["input_ids"][1], 3)
+    batch["labels"][1] = torch.roll(batch["labels"][1], 3)
+    masked_lm_loss(model, batch)
+    assert calls
 
 
 def test_saved_model_does_not_name_the_implementation(tmp_path):

@@ -57,8 +57,7 @@ def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
         return torch.nn.utils.get_total_norm(grads, foreach=True)
     total = torch.zeros((), dtype=torch.float64)
     for grad in grads:
-        flat = grad.reshape(-1) if grad.is_contiguous() else grad.contiguous().view(-1)
-        for chunk in flat.split(_NORM_CHUNK):
+        for chunk in grad.reshape(-1).split(_NORM_CHUNK):
             total += torch.dot(chunk, chunk)
     return total.sqrt().float()
 

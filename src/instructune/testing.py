@@ -81,6 +81,40 @@ def make_tiny_model(vocab_size: int, hidden_size: int = 32, num_layers: int = 2,
     return model.float()
 
 
+TINY_FAMILIES = ("llama", "llama_tied", "qwen2", "gemma3", "cohere", "granite", "mistral_window")
+
+
+def make_tiny_family_model(family: str, vocab_size: int = 64):
+    """A randomly initialised 2-layer fp32 model of one of `TINY_FAMILIES`, each with its own quirk.
+
+    gemma3: final-logit soft-capping well below the raw logits (the tanh bends them) and a sliding
+    window of 4, shorter than most test rows; cohere/granite: logit scaling; mistral_window: a sliding
+    window of 5; llama_tied: the LM head tied to the input embedding.
+    """
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+    if family in ("llama", "llama_tied"):
+        return make_tiny_model(vocab_size, tie_word_embeddings=family == "llama_tied")
+    if family == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common)).float()
+    if family == "gemma3":
+        config = tf.Gemma3TextConfig(**common, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+                                     layer_types=["sliding_attention", "full_attention"],
+                                     final_logit_softcapping=0.25)
+        return tf.Gemma3ForCausalLM(config).float()
+    if family == "cohere":
+        return tf.CohereForCausalLM(tf.CohereConfig(**common, logit_scale=4.0)).float()
+    if family == "granite":
+        return tf.GraniteForCausalLM(tf.GraniteConfig(**common, logits_scaling=4.0)).float()
+    if family == "mistral_window":
+        return tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=5)).float()
+    raise ValueError(f"unknown family {family!r}; one of {', '.join(TINY_FAMILIES)}")
+
+
 def memorise(model, tokenizer, conversations, steps: int = 400, lr: float = 1e-2) -> None:
     """Train a tiny model on `conversations` until their response loss is ~0 (a plain masked-loss loop).
 
