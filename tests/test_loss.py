@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from instructune import IGNORE_INDEX
 from instructune.data.batching import collate_packed, collate_padded
+from instructune.fused_head import CHUNK_BYTES, MIN_CHUNK_ROWS, chunk_rows
 from instructune.loss import (
     _body_inputs,
     count_targets,
@@ -320,3 +321,13 @@ def test_head_gradient_held_elsewhere_is_never_overwritten(holder):
     _accumulate(model, _split(_rows(LENGTHS, seed=3, prompt_fraction=0.4), 1))
     assert head.weight.grad.data_ptr() != kept.data_ptr()
     torch.testing.assert_close(kept, before, atol=0, rtol=0)
+
+
+def test_fused_head_chunks_keep_a_row_floor_for_large_vocabularies():
+    # ~32 MB of logits a chunk, but never fewer than MIN_CHUNK_ROWS rows for it: each chunk costs a full
+    # pass over the [V, H] weight and its gradient. A caller's smaller max_chunk_tokens still wins.
+    assert MIN_CHUNK_ROWS == 128
+    assert chunk_rows(4096, 49152) == CHUNK_BYTES // (4 * 49152) == 170  # SmolLM2: the byte budget
+    assert chunk_rows(4096, 262144) == 128  # Gemma-3: the budget alone would give 32 rows
+    assert chunk_rows(4096, 2_000_000) == 128
+    assert chunk_rows(5, 262144) == 5 and chunk_rows(100, 64) == 100

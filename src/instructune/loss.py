@@ -310,8 +310,8 @@ def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, compute_
     """Sum of -log p over the batch's targets through the selective LM head; see the module docstring.
 
     When gradients are needed, the head and cross-entropy run in chunks of at most `max_chunk_tokens`
-    targets (fewer for a large vocabulary: about 32 MB of logits) whose gradients are computed in the
-    forward pass, capping the logits memory at one chunk. Without gradients (evaluation) the chunks are
+    targets (fewer for a large vocabulary: about 32 MB of logits, at least 128 rows) whose gradients are
+    computed in the forward pass, capping the logits memory at one chunk. Without gradients (evaluation) the chunks are
     `max_chunk_tokens` long. `per_row=True` also returns per-row sums for sequence normalisation; it
     takes the unchunked autograd path, so it does not cap the logits memory.
     """
