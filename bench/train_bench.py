@@ -271,8 +271,16 @@ def child_trl(job: dict, gradient_checkpointing: bool) -> dict:
     counts = {"tokens": 0, "targets": []}
     collate = trainer.data_collator
 
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")  # both workloads' templates are ChatML
+
     def counting_collator(examples):
         batch = collate(examples)
+        if job.get("trl_same_targets"):
+            # TRL's completion mask also trains the template's separator after the end-of-turn token;
+            # instructune stops at the end-of-turn token. Mask it: both sides then train the same targets.
+            after_end = torch.zeros_like(batch["labels"], dtype=torch.bool)
+            after_end[:, 1:] = batch["input_ids"][:, :-1] == end_of_turn
+            batch["labels"][after_end] = -100
         counts["tokens"] += int(batch["attention_mask"].sum())
         counts["targets"].append(int((batch["labels"][:, 1:] != -100).sum()))
         return batch
@@ -399,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=None,
                         help="instructune computes each optimizer step's rows as micro-batches of this many rows")
     parser.add_argument("--ours-config", default="{}", help=argparse.SUPPRESS)  # experiments: extra TrainConfig keys
+    parser.add_argument("--trl-same-targets", action="store_true",
+                        help="TRL does not train the separator its template writes after the end-of-turn token "
+                             "(the same targets as instructune: a like-for-like loss)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop each run after this many steps (smoke test)")
     parser.add_argument("--profile", metavar="WORKLOAD", help="profile instructune's training on one workload instead")
     parser.add_argument("--json", type=Path, help="also write every run's figures to this file")
@@ -436,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                             "template_text": template_text, "added_tokens": added, "lora": w.lora,
                             "settings": w.settings, "data": str(write_rows(w.data, args.rows, tmp)),
                             "max_steps": args.max_steps, "micro_batch": args.micro_batch,
+                            "trl_same_targets": args.trl_same_targets,
                             "ours_config": json.loads(args.ours_config)}
 
         def child(side: str, name: str, repeat: int, verbose: bool = args.verbose, **extra) -> dict:
