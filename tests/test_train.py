@@ -13,8 +13,9 @@ from instructune.config import load_config
 from instructune.errors import UserError
 from instructune.metrics import read_metrics
 from instructune.optim import lr_at, parameter_groups
+from instructune.run_setup import _split_rows
 from instructune.step_plan import StepPlan, step_denominator
-from instructune.train import _optimizer_step, _split_rows, fit, setup_run, train
+from instructune.train import _optimizer_step, fit, setup_run, train
 from train_fixtures import quick_settings, train_records, write_tiny_model, write_toy_data
 
 

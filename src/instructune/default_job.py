@@ -156,7 +156,8 @@ def _base_model_answers(run, answers) -> tuple[dict | None, list[str]]:
     """Evaluate and answer with a freshly loaded base model (when the run was resumed)."""
     from dataclasses import replace
 
-    from instructune.train import build_model, evaluate, resolve_device
+    from instructune.run_setup import build_model, resolve_device
+    from instructune.train import evaluate
 
     device, dtype = resolve_device(run.config)
     base = build_model(replace(run.config, lora=None), run.tokenizer, run.template, device, dtype, None)
