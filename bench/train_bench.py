@@ -21,6 +21,12 @@ frozen weights need no weight gradient, so it is 4·N_body·tokens + 4·N_head·
 are left out). Attention's own FLOPs (QK^T, AV) are not counted, so the fraction of the measured fp32
 matmul peak is a slight understatement for both sides alike.
 
+Loss: `loss (tok)` is the mean of the logged step losses weighted by each step's trained tokens, i.e. the
+mean over every target of the epoch: the comparable figure. `loss (step)` is the plain mean over steps; it
+differs between the sides because instructune puts rows of similar length into one step and TRL draws them
+at random. TRL's completion mask also trains the separator its template writes after the end-of-turn
+token (48 targets more here); `--trl-same-targets` masks those, so that both sides train the same targets.
+
 Sides: `instructune` (`setup_run` + `fit`), `trl` (SFTTrainer as a user gets it: gradient checkpointing
 on, which is TRL's default) and `trl-no-gc` (the same with `gradient_checkpointing=False`). The order of
 the sides alternates between repetitions and each side keeps its fastest repetition.
