@@ -311,9 +311,9 @@ def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, compute_
 
     When gradients are needed, the head and cross-entropy run in chunks of at most `max_chunk_tokens`
     targets (fewer for a large vocabulary: about 32 MB of logits, at least 128 rows) whose gradients are
-    computed in the forward pass, capping the logits memory at one chunk. Without gradients (evaluation) the chunks are
-    `max_chunk_tokens` long. `per_row=True` also returns per-row sums for sequence normalisation; it
-    takes the unchunked autograd path, so it does not cap the logits memory.
+    computed in the forward pass, capping the logits memory at one chunk. Without gradients (evaluation)
+    the chunks are `max_chunk_tokens` long. `per_row=True` also returns per-row sums for sequence
+    normalisation; it takes the unchunked autograd path, so it does not cap the logits memory.
     """
     if max_chunk_tokens < 1:
         raise ValueError("max_chunk_tokens must be at least 1")
