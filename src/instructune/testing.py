@@ -124,7 +124,7 @@ def memorise(model, tokenizer, conversations, steps: int = 400, lr: float = 1e-2
 
     from instructune.data.batching import collate_padded
     from instructune.data.encode import ConversationEncoder
-    from instructune.loss import masked_lm_loss
+    from instructune.train.loss import masked_lm_loss
 
     encoder = ConversationEncoder(tokenizer, tokenizer.chat_template)
     batch = collate_padded([encoder.encode(conv) for conv in conversations], tokenizer.pad_token_id)

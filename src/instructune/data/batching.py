@@ -1,6 +1,6 @@
 """Turning encoded rows into batches: padded or packed tensors, and which rows go together.
 
-Two layouts reach `instructune.loss.masked_lm_loss`:
+Two layouts reach `instructune.train.loss.masked_lm_loss`:
 
 - **padded** (`collate_padded`): [B, T] right-padded with `attention_mask`. The CPU default: with
   length-grouped batches (`length_grouped_batches`) little is wasted on padding.

@@ -1,0 +1,58 @@
+"""`instructune eval`: response loss, perplexity, token accuracy and generation metrics on a dataset."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from instructune.commands.arguments import add_encoding_arguments, add_model_arguments
+
+HELP = "response loss, perplexity, token accuracy and generation metrics on a dataset"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The dataset, the model, how rows are encoded, and how answers are generated."""
+    p.add_argument("data", nargs="?", help="a dataset file, folder or Hub name (default: the built-in held-out set)")
+    add_model_arguments(p)
+    add_encoding_arguments(p)
+    p.add_argument("--limit", type=int, default=None, help="generate for the first N rows only (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-generate", action="store_true", help="only the loss metrics")
+    p.add_argument("--output", help="folder for rows.jsonl and totals.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate `--model` on `args.data` (default: the built-in held-out set); print and write the results."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from instructune.use.evaluate import default_eval_data, evaluate_dataset, totals_table, write_results
+    from instructune.use.loading import load_for_inference
+    from instructune.use.text_metrics import rouge_available
+
+    data = args.data or default_eval_data()
+    console = Console(highlight=False)
+    if not args.data:
+        console.print(f"data: the built-in held-out set ({data})", markup=False, soft_wrap=True)
+    loaded = load_for_inference(args.model, template=args.template, device=args.device,
+                                trust_remote_code=args.trust_remote_code)
+    if not args.no_generate and not rouge_available():
+        console.print("note: ROUGE-L needs the `rapidfuzz` package (pip install 'instructune[eval]'); "
+                      "it is left out", markup=False, soft_wrap=True)
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=True)
+    with bars:
+        results, totals = evaluate_dataset(
+            loaded, data, data_format=args.data_format, train_on=args.train_on, max_length=args.max_length,
+            truncation=args.truncation, on_bad_row=args.on_bad_row, limit=args.limit,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, generate=not args.no_generate,
+            progress=bars)
+    console.print(totals_table(totals))
+    if args.output:
+        meta = {"model": args.model, "data": data, "template": args.template or "model", "train_on": args.train_on,
+                "max_new_tokens": args.max_new_tokens}
+        write_results(args.output, results, totals, meta)
+        console.print(f"wrote {Path(args.output) / 'rows.jsonl'} and {Path(args.output) / 'totals.json'}",
+                      markup=False, soft_wrap=True)
+    return 0

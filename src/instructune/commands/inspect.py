@@ -1,0 +1,60 @@
+"""`instructune inspect`: encode a dataset as training would, and show which tokens are trained."""
+
+from __future__ import annotations
+
+import argparse
+
+from instructune.commands.arguments import add_encoding_arguments
+from instructune.errors import UserError
+
+HELP = "encode a dataset and show which tokens are trained"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The dataset, the tokenizer, how to encode, and what to show or write."""
+    p.add_argument("data", help="a .json/.jsonl/.parquet/.csv file, a folder of them, or a Hugging Face dataset name")
+    p.add_argument("--tokenizer", required=True, help="a Hub id, a local folder or a .gguf file")
+    add_encoding_arguments(p)
+    p.add_argument("--limit", type=int, default=3, help="rows to show (the summary always covers all rows)")
+    p.add_argument("--html", help="write a self-contained HTML page of the shown rows and the summary")
+    p.add_argument("--jsonl", help="write every kept row as {row, input_ids, labels}")
+    p.add_argument("--num-proc", type=int, default=None, help="worker processes for encoding (default: auto)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the preparation cache")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prepare `args.data`, print the first `--limit` rows and the summary, write `--html`/`--jsonl`."""
+    from rich.console import Console
+
+    from instructune.data.prepare import prepare_dataset
+    from instructune.model.load import load_tokenizer
+    from instructune.show.html import write_html
+    from instructune.show.jsonl import write_jsonl
+    from instructune.show.summary import render_summary
+    from instructune.show.terminal import print_rows
+    from instructune.show.tokens import row_view
+
+    if args.limit < 0:
+        raise UserError(f"--limit must be 0 or more, got {args.limit}")
+    tokenizer = load_tokenizer(args.tokenizer, trust_remote_code=getattr(args, "trust_remote_code", False))
+    prepared = prepare_dataset(
+        args.data, tokenizer, template=args.template, data_format=args.data_format, train_on=args.train_on,
+        max_length=args.max_length, truncation=args.truncation, on_bad_row=args.on_bad_row,
+        num_proc=args.num_proc, cache_dir=False if args.no_cache else None,
+    )
+    views = [row_view(row, tokenizer) for row in prepared.rows[:args.limit]]
+
+    console = Console(highlight=False)
+    print_rows(console, views)
+    if views:
+        console.print()
+    console.print(render_summary(prepared.report))
+    if args.jsonl or args.html:
+        console.print()
+    if args.jsonl:
+        count = write_jsonl(args.jsonl, prepared.rows)
+        console.print(f"wrote {count:,} row(s) to {args.jsonl}", markup=False, soft_wrap=True)
+    if args.html:
+        write_html(args.html, views, prepared.report, subtitle=f"{args.data} · tokenizer {args.tokenizer}")
+        console.print(f"wrote {len(views)} row(s) and the summary to {args.html}", markup=False, soft_wrap=True)
+    return 0

@@ -1,0 +1,1 @@
+"""Loading models (Hub id, folder, GGUF), LoRA, and the lean layer and attention kernels."""

@@ -1,0 +1,240 @@
+"""The training loop: run optimizer steps over a prepared run, evaluate, checkpoint.
+
+`run_setup.setup_run` does everything before the first step (data, model, optimizer, resume) and
+`fit` runs the steps; `train` is the two together. One optimizer step:
+
+1. take the step's micro-batches, a pure function of (seed, epoch, step) (`step_plan.StepPlan`), so a
+   resumed run trains on exactly the batches the interrupted one would have;
+2. count the step's targets once, over all its micro-batches and ranks (`step_plan.step_counts`, one
+   all-reduce);
+3. for each micro-batch: the selective-head loss *sum* divided by that count, backward;
+4. clip, set the scheduled learning rate, AdamW step; one host sync to read the loss.
+
+Several ranks (`torchrun`, see `instructune.train.distributed`): the step's micro-batches are the same as on
+one process, and each rank trains on its share of every one; DDP or FSDP2 sums the gradients. Rank 0
+alone prints, writes metrics and checkpoints; every rank evaluates its share of the eval rows.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from instructune.data.batching import collate_packed, collate_padded
+from instructune.data.encoded import EncodedRow
+from instructune.errors import UserError
+from instructune.train.checkpoint import latest_checkpoint, quiet_saving, save_checkpoint
+from instructune.train.config import TrainConfig, config_to_yaml
+from instructune.train.distributed import NoMetrics, shutdown, without_targets
+from instructune.train.loss import recycle_head_gradient, row_mean_sum
+from instructune.train.metrics import MetricsLogger, ProgressReporter, plot_losses
+from instructune.train.optim import grad_norm, lr_at, set_lr
+from instructune.train.setup import TrainingRun, setup_run
+from instructune.train.step_plan import step_counts
+from instructune.varlen_attention import takes_row_boundaries
+
+__all__ = ["TrainResult", "TrainingRun", "collate_rows", "evaluate", "evaluate_all", "fit", "setup_run", "train"]
+
+
+def collate_rows(run: TrainingRun, rows: list[EncodedRow]) -> dict[str, torch.Tensor]:
+    """A training micro-batch: one padding-free sequence when packing or when the attention takes row
+    boundaries (`padding_free`), else rows padded to the longest."""
+    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    flat = run.config.packing or (run.config.padding_free and takes_row_boundaries(run.model))
+    return collate_packed(rows, pad) if flat else collate_padded(rows, pad)
+
+
+def _collate(run: TrainingRun, indices: list[int]) -> dict[str, torch.Tensor]:
+    if not indices:  # this rank's share of the micro-batch is empty: a row without targets keeps it in step
+        return without_targets(_collate(run, [0]))
+    return collate_rows(run, [run.train_rows[i] for i in indices])
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(run: TrainingRun, eval_rows: list[EncodedRow] | None = None) -> dict[str, float]:
+    """Loss over the labelled tokens (token-normalised) and next-token accuracy; default: the eval rows."""
+    eval_rows = run.eval_rows if eval_rows is None else eval_rows
+    run.model.eval()
+    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(eval_rows)), key=lambda i: len(eval_rows[i]))
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct, targets = 0, 0
+    size, parallel = run.config.batch_size, run.parallel
+    # Rank r scores every world_size-th batch; a rank left without one scores a row without targets, so
+    # that all ranks run as many forwards (FSDP all-gathers in each).
+    for first in range(0, len(order), size * parallel.world_size):
+        rows = [eval_rows[i] for i in order[first + parallel.rank * size:first + (parallel.rank + 1) * size]]
+        batch = collate_padded(rows or [eval_rows[order[0]]], pad)
+        out = parallel.loss(_to_device(batch if rows else without_targets(batch), run.device), compute_accuracy=True)
+        loss_sum += out.loss_sum.double().cpu()
+        correct += int(out.num_correct)
+        targets += out.num_targets
+    loss_sum, correct, targets = parallel.sum(loss_sum, correct, targets)
+    correct, targets = int(correct), int(targets)
+    run.model.train()
+    return {"loss": float(loss_sum) / max(targets, 1), "accuracy": correct / max(targets, 1), "targets": targets}
+
+
+def evaluate_all(run: TrainingRun) -> dict[str, float]:
+    """`evaluate` on the eval rows, plus `<name>_loss` etc. for every set in `run.eval_sets`."""
+    metrics = evaluate(run)
+    for name, rows in run.eval_sets.items():
+        metrics.update({f"{name}_{key}": value for key, value in evaluate(run, rows).items()})
+    return metrics
+
+
+def _optimizer_step(run: TrainingRun, batches: list[dict[str, torch.Tensor]], denominator: int,
+                    lr: float) -> tuple[float, float]:
+    """One optimizer step over `batches`; returns (loss, grad norm before clipping)."""
+    config = run.config
+    set_lr(run.optimizer, lr)
+    total = torch.zeros((), device=run.device)
+    for index, batch in enumerate(batches):
+        batch = _to_device(batch, run.device)
+        sync = index == len(batches) - 1  # DDP sums the ranks' gradients once, in the last backward
+        if config.loss_normalization == "token":
+            loss = run.parallel.loss(batch, sync=sync).loss_sum / denominator
+        else:
+            loss = row_mean_sum(run.parallel.loss(batch, sync=sync, per_row=True)) / denominator
+        loss.backward()
+        total += loss.detach()
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    if run.parallel.sharded:  # FSDP: torch's clipping knows how to reduce the norm over the shards
+        norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf, foreach=True)
+    else:
+        norm = _clip(run.optimizer, params, config.max_grad_norm)
+    run.optimizer.step()
+    run.optimizer.grad_scale = None
+    recycle_head_gradient(run.model)  # its memory stays mapped for the next step's head
+    run.optimizer.zero_grad(set_to_none=True)
+    return run.parallel.sum(total)[0], float(norm)  # the step's one host sync (and all-reduce of the loss)
+
+
+def _clip(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Global-norm clipping (`clip_grad_norm_`'s factor, `grad_norm`'s accurate norm); returns the norm.
+
+    `clip_grad_norm_` multiplies every gradient by the clipping factor in place: a read and a write of
+    all gradients. The fused AdamW kernel already reads them, and divides each by `optimizer.grad_scale`
+    when one is set (the hook `GradScaler` uses), so there the factor is handed over as 1 / factor.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = grad_norm(grads)
+    if max_norm and grads:
+        factor = torch.clamp(max_norm / (norm.to(grads[0].device) + 1e-6), max=1.0)
+        if optimizer.defaults.get("fused"):
+            optimizer.grad_scale = factor.reciprocal()
+        else:
+            torch._foreach_mul_(grads, factor)
+    return norm
+
+
+def _save(run: TrainingRun, step: int, epoch: int) -> None:
+    model_state, optimizer_state = run.parallel.gather_state(run.optimizer)  # FSDP: from every rank's shards
+    if run.parallel.is_main:
+        save_checkpoint(run.output_dir, step, model=run.model, tokenizer=run.tokenizer,
+                        config_yaml=config_to_yaml(run.config), optimizer=run.optimizer,
+                        state={**run.state, "epoch": epoch, "total_steps": run.plan.total_steps(),
+                               "world_size": run.parallel.world_size},
+                        keep_last=run.config.keep_last, model_state=model_state, optimizer_state=optimizer_state)
+    run.parallel.barrier()  # no rank goes on (or looks for the checkpoint) before it is complete
+
+
+@dataclass
+class TrainResult:
+    """What a finished run left behind."""
+
+    output_dir: Path
+    checkpoint: Path
+    """The final checkpoint (loadable with transformers)."""
+    steps: int
+    last_loss: float | None
+    eval_metrics: dict[str, float] | None
+    merged: Path | None = None
+
+
+def fit(run: TrainingRun, *, console=None) -> TrainResult:
+    """Run the optimizer steps from `run.start_step` to the end, evaluating and saving on schedule."""
+    from rich.console import Console
+
+    console = (console or Console(highlight=False, soft_wrap=True)) if run.parallel.is_main else Console(quiet=True)
+    config, total_steps = run.config, run.plan.total_steps()
+    resume_step = run.start_step if run.resumed_from else None
+    logger = MetricsLogger(run.output_dir, resume_step=resume_step) if run.parallel.is_main else NoMetrics()
+    progress = ProgressReporter(console, total_steps, run.start_step, run.state["tokens"], config.log_every)
+    last_loss, eval_metrics, epoch = None, None, 0
+    started = time.perf_counter() - run.state["elapsed_s"]
+    try:
+        for step in range(run.start_step, total_steps):
+            step_start = time.perf_counter()
+            epoch, groups = run.plan.step(step)
+            batches = [_collate(run, group) for group in groups]
+            tokens = sum(len(run.train_rows[i]) for group in groups for i in group)
+            denominator, targets, tokens = step_counts(batches, config.loss_normalization, tokens, run.parallel)
+            run.parallel.seed_step(config.seed, step)
+            lr = lr_at(step, peak=config.lr, total_steps=total_steps, warmup_steps=config.warmup_steps,
+                       schedule=config.schedule)
+            last_loss, grad_norm = _optimizer_step(run, batches, denominator, lr)
+            if not math.isfinite(last_loss):
+                raise UserError(f"the loss became {last_loss} at step {step + 1}; lower lr (now {lr:.2g}) or "
+                                "check the data; the last good checkpoint is kept")
+            now = time.perf_counter()
+            run.state["tokens"] += tokens
+            run.state["trained_tokens"] += targets
+            run.state["elapsed_s"] = now - started
+            record = {"split": "train", "step": step + 1, "epoch": epoch, "loss": last_loss, "grad_norm": grad_norm,
+                      "lr": lr, "tokens": run.state["tokens"], "trained_tokens": run.state["trained_tokens"],
+                      "tokens_per_s": tokens / max(now - step_start, 1e-9), "elapsed_s": run.state["elapsed_s"]}
+            logger.log(record)
+            progress.update(step + 1, record)
+            done = step + 1 == total_steps
+            if run.eval_rows and (done or (config.eval_every and (step + 1) % config.eval_every == 0)):
+                eval_metrics = evaluate_all(run)
+                logger.log({"split": "eval", "step": step + 1, **eval_metrics})
+                progress.note(f"step {step + 1}: eval loss {eval_metrics['loss']:.4f}, "
+                              f"accuracy {eval_metrics['accuracy']:.1%}")
+            if done or (config.save_every and (step + 1) % config.save_every == 0):
+                _save(run, step + 1, epoch)
+    finally:
+        progress.close()
+        logger.close()
+    if run.start_step >= total_steps:
+        console.print(f"the run in {run.output_dir} had already finished ({total_steps} steps)", markup=False)
+        eval_metrics = evaluate_all(run) if run.eval_rows else None
+    checkpoint = latest_checkpoint(run.output_dir)
+    assert checkpoint is not None  # every run has at least one step and saves on its last
+    if run.parallel.is_main:
+        plot_losses(run.output_dir)
+    merged = _write_merged(run) if config.merge_lora and run.parallel.is_main else None
+    return TrainResult(run.output_dir, checkpoint, total_steps, last_loss, eval_metrics, merged)
+
+
+def _write_merged(run: TrainingRun) -> Path:
+    """Fold the adapter into the base weights (in place: training is over) and save a plain model."""
+    from instructune.model.lora import merge_lora
+
+    target, tmp = run.output_dir / "merged", run.output_dir / "merged.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    run.model = merge_lora(run.model)
+    with quiet_saving():
+        run.model.save_pretrained(tmp)
+    run.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def train(config: TrainConfig, *, name: str = "default", console=None) -> TrainResult:
+    """Set up and run a whole training run; see the module docstring."""
+    try:
+        return fit(setup_run(config, name=name, console=console), console=console)
+    finally:
+        shutdown()  # the process group, when this run created it

@@ -1,0 +1,255 @@
+"""Setting up a training run: output folder, data, model, optimizer, and the checkpoint to resume from.
+
+`setup_run` does everything before the first optimizer step and returns a `TrainingRun`, which
+`train.fit` runs. Every rank of a distributed run calls it; rank 0 alone prepares the output folder and
+writes the resolved config, and the other ranks of a machine read the caches its first rank wrote.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from instructune.data.encoded import EncodedRow
+from instructune.errors import UserError
+from instructune.train.checkpoint import (
+    CONFIG_FILE,
+    latest_checkpoint,
+    load_trainer_state,
+    remove_leftovers,
+    restore_rng,
+)
+from instructune.train.config import (
+    DEFAULT_WARMUP_FRACTION,
+    FIELD_NAMES,
+    TrainConfig,
+    load_config,
+    save_config,
+)
+from instructune.train.distributed import Parallel, init_distributed
+from instructune.train.metrics import METRICS_FILE
+from instructune.train.optim import build_optimizer, default_warmup_steps
+from instructune.train.step_plan import StepPlan
+from instructune.varlen_attention import use_varlen_attention
+
+RUN_FILES = ("config.yaml", METRICS_FILE, "loss.png", "tensorboard", "merged")
+"""What a run writes into its output folder besides checkpoints (removed by `overwrite: true`)."""
+
+
+@dataclass
+class TrainingRun:
+    """Everything `fit` needs, built by `setup_run`."""
+
+    config: TrainConfig
+    """The resolved configuration (no nulls left that have a default)."""
+    output_dir: Path
+    model: torch.nn.Module
+    tokenizer: object
+    template: str
+    """The Jinja chat template text the data was rendered with (saved with every checkpoint)."""
+    train_rows: list[EncodedRow]
+    eval_rows: list[EncodedRow]
+    optimizer: torch.optim.Optimizer
+    plan: StepPlan
+    device: torch.device
+    parallel: Parallel = field(default_factory=Parallel)
+    """This rank among the ranks (one process: rank 0 of 1); runs the loss through DDP or FSDP."""
+    start_step: int = 0
+    state: dict = field(default_factory=dict)
+    """Counters carried across resumes: tokens, trained_tokens, elapsed_s."""
+    resumed_from: Path | None = None
+    eval_sets: dict[str, list[EncodedRow]] = field(default_factory=dict)
+    """More rows scored at every evaluation, by name; each adds `<name>_loss`, `<name>_accuracy` and
+    `<name>_targets` (over that set's own labels) to the eval record. `instructune compare` uses it."""
+
+
+def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    """The device and weight dtype: fp32 on CPU, bf16 on CUDA unless the config says otherwise."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda was asked for, but no CUDA device is available")
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    if config.dtype == "auto":
+        return device, torch.bfloat16 if use_cuda else torch.float32
+    return device, getattr(torch, config.dtype)
+
+
+def _prepare_output_dir(config: TrainConfig, output_dir: Path, console) -> Path | None:
+    """Make the output folder ready; return the checkpoint to resume from, if any."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(output_dir)
+    latest = latest_checkpoint(output_dir)
+    if config.resume:
+        if latest is None:
+            console.print(f"resume: no complete checkpoint in {output_dir}, starting from the beginning")
+        return latest
+    has_run = latest is not None or (output_dir / METRICS_FILE).exists()
+    if has_run and not config.overwrite:
+        raise UserError(
+            f"{output_dir} already holds a run; pass resume=true to continue it, overwrite=true to start "
+            "it again, or output_dir=... for a new one")
+    if has_run:
+        for entry in output_dir.iterdir():
+            if entry.name.startswith("checkpoint-") or entry.name in RUN_FILES:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    return None
+
+
+def _split_rows(rows: list[EncodedRow], config: TrainConfig) -> tuple[list[EncodedRow], list[EncodedRow]]:
+    """Hold out `eval_fraction` of the rows (chosen by the seed alone) for evaluation."""
+    if config.eval_fraction == 0 or len(rows) < 2:
+        return rows, []
+    count = min(max(1, round(len(rows) * config.eval_fraction)), len(rows) - 1)
+    order = list(range(len(rows)))
+    random.Random(f"instructune-split-{config.seed}").shuffle(order)
+    held = set(order[:count])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def prepare_splits(config: TrainConfig, tokenizer, console) -> tuple[list[EncodedRow], list[EncodedRow], str]:
+    """Encode the training (and evaluation) data; returns (train rows, eval rows, template text)."""
+    from instructune.data.prepare import prepare_dataset
+
+    options = dict(template=config.template, data_format=config.format, train_on=config.train_on,
+                   max_length=config.max_length, truncation=config.truncation, on_bad_row=config.on_bad_row,
+                   num_proc=config.num_proc)
+    prepared = prepare_dataset(config.data, tokenizer, **options)
+    _print_report(console, config.data, prepared.report)
+    if config.eval_data:
+        evaluation = prepare_dataset(config.eval_data, tokenizer, **options)
+        _print_report(console, config.eval_data, evaluation.report)
+        return prepared.rows, evaluation.rows, prepared.template
+    train_rows, eval_rows = _split_rows(prepared.rows, config)
+    return train_rows, eval_rows, prepared.template
+
+
+def _print_report(console, source: str, report) -> None:
+    dropped = sum(report.dropped.values())
+    detail = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items()))
+    console.print(
+        f"data {source}: {report.rows_kept:,} of {report.rows_read:,} rows kept"
+        + (f" ({dropped:,} dropped: {detail})" if dropped else "")
+        + f", {report.tokens_total:,} tokens, {report.trained_fraction:.0%} trained", markup=False, highlight=False)
+
+
+def build_model(config: TrainConfig, tokenizer, template: str, device: torch.device, dtype: torch.dtype,
+                resume_from: Path | None):
+    """Load the model (from the checkpoint when resuming full fine-tuning), fit it to the tokenizer, add LoRA."""
+    from instructune.data.templates import end_of_turn_token_ids
+    from instructune.model.load import load_model
+
+    full_checkpoint = resume_from is not None and config.lora is None
+    source = str(resume_from) if full_checkpoint else config.model
+    model = load_model(source, device=str(device), dtype=dtype, trust_remote_code=config.trust_remote_code)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))  # a built-in template added its markers
+    # Saved checkpoints then stop `generate` at the end of a turn, not only at EOS.
+    model.generation_config.eos_token_id = end_of_turn_token_ids(tokenizer, template)
+    if tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if device.type == "cuda" and config.packing and importlib.util.find_spec("flash_attn") is not None:
+        # Padding-free packing: the loss hands flash-attention the row boundaries (varlen kernel), so no
+        # mask is built at all. Without flash-attn, sdpa gets a block-diagonal mask from the positions.
+        model.set_attn_implementation("flash_attention_2")
+    elif device.type == "cpu" and (config.padding_free or config.packing):
+        # Rows concatenated without padding; attention per row from the boundaries (varlen_attention.py).
+        use_varlen_attention(model)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if config.lora is not None:
+        from instructune.model.lora import apply_lora
+
+        model = apply_lora(model, config.lora)
+        if config.gradient_checkpointing:
+            model.enable_input_require_grads()
+        if resume_from is not None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(str(resume_from / "adapter_model.safetensors"),
+                                                       device=str(device)))
+    if config.fused_layers:
+        from instructune.model.fused_layers import apply_fused_layers
+
+        apply_fused_layers(model)  # after LoRA, which it sees: an MLP with an adapter on down_proj is left alone
+    model.train()
+    return model
+
+
+def resolve_config(config: TrainConfig, name: str, total_steps: int | None = None) -> TrainConfig:
+    """Fill the defaults that depend on other keys: tokenizer, lr, output_dir, warmup_steps."""
+    resolved = replace(config, tokenizer=config.tokenizer or config.model, lr=config.effective_lr,
+                       output_dir=config.output_dir or str(Path("runs") / name))
+    if total_steps is not None and resolved.warmup_steps is None:
+        resolved = replace(resolved, warmup_steps=default_warmup_steps(total_steps, DEFAULT_WARMUP_FRACTION))
+    return resolved
+
+
+def setup_run(config: TrainConfig, *, name: str = "default", console=None) -> TrainingRun:
+    """Prepare data, model and optimizer, and load the latest checkpoint when resuming."""
+    from rich.console import Console
+
+    from instructune.model.load import load_tokenizer
+
+    console = console or Console(highlight=False, soft_wrap=True)
+    if not config.data:
+        raise UserError("'data' is not set: give the training data in the config or as data=PATH")
+    config = resolve_config(config, name)
+    output_dir = Path(config.output_dir)
+    device, dtype = resolve_device(config)
+    parallel = init_distributed(config, device)
+    device, console = parallel.device, console if parallel.is_main else Console(quiet=True)
+    resume_from = parallel.on_main(lambda: _prepare_output_dir(config, output_dir, console))
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+
+    with parallel.local_main_first():  # it converts and encodes once; the others read its caches
+        tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
+        train_rows, eval_rows, template = prepare_splits(config, tokenizer, console)
+    if not train_rows:
+        raise UserError(f"{config.data}: no row left to train on")
+    tokenizer.chat_template = template  # checkpoints chat with the template they were trained with
+    plan = StepPlan([len(r) for r in train_rows], config, world_size=parallel.world_size, rank=parallel.rank)
+    config = resolve_config(config, name, plan.total_steps())  # the plan reads no key this changes
+
+    # FSDP loads the full weights into CPU memory; sharding then moves each rank's shards to its GPU.
+    model = build_model(config, tokenizer, template, torch.device("cpu") if parallel.sharded else device, dtype,
+                        resume_from)
+    parallel.wrap(model)  # before the optimizer: FSDP replaces the parameters with shards
+    optimizer = build_optimizer(model, config.lr, config.weight_decay)
+    run = TrainingRun(config=config, output_dir=output_dir, model=model, tokenizer=tokenizer, template=template,
+                      train_rows=train_rows, eval_rows=eval_rows, optimizer=optimizer, plan=plan, device=device,
+                      parallel=parallel, state={"tokens": 0, "trained_tokens": 0, "elapsed_s": 0.0})
+    if resume_from is not None:
+        state = load_trainer_state(resume_from)
+        parallel.load_optimizer_state(resume_from, optimizer)
+        restore_rng(resume_from, state)  # last: loading the model above drew random numbers
+        run.start_step, run.resumed_from = state["step"], resume_from
+        run.state = {key: state[key] for key in run.state}
+        console.print(f"resuming from {resume_from} (step {run.start_step} of {plan.total_steps()})", markup=False)
+        _note_changed_settings(resume_from, config, console)
+        if state.get("world_size", 1) != parallel.world_size:
+            console.print(f"note: the checkpoint was written on {state.get('world_size', 1)} rank(s), this run has "
+                          f"{parallel.world_size}: the global batch, data order and loss are the same", markup=False)
+    if parallel.is_main:
+        save_config(config, output_dir / "config.yaml")
+    return run
+
+
+def _note_changed_settings(checkpoint: Path, config: TrainConfig, console) -> None:
+    """Say which settings differ from the checkpoint's: a resumed run then no longer matches the original."""
+    try:
+        saved = load_config(checkpoint / CONFIG_FILE)
+    except UserError:  # written by another version; nothing to compare against
+        return
+    ignored = {"resume", "overwrite", "log_every", "distributed", "dist_timeout_s"}  # same results either way
+    changed = [f"{key} (was {getattr(saved, key)!r}, now {getattr(config, key)!r})" for key in FIELD_NAMES
+               if key not in ignored and getattr(saved, key) != getattr(config, key)]
+    if changed:
+        console.print("note: settings changed since the checkpoint: " + "; ".join(changed), markup=False)

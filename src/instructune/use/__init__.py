@@ -1,0 +1,1 @@
+"""Using a model: loading for inference, generation, scoring, evaluation, explanation, chat."""

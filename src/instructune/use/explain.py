@@ -1,0 +1,298 @@
+"""`instructune explain`: what the loss sees, token by token, for one example and any model.
+
+The example is encoded exactly as training encodes it (`ConversationEncoder`, `train_on: assistant`),
+and one forward pass scores every token: `p` is the model's probability of that token given every
+token before it, and its loss is `-ln p` (p = 0.7 costs 0.3567). The masked loss, the one training
+minimises, is the mean over the trained (response) tokens; the unmasked loss, what `train_on: all`
+would score, is the mean over every token but the first, which nothing predicts.
+
+A token's *role* says whether it belongs to the response (the assistant's own output and the token
+that closes it, which training on assistant turns scores) or to the instruction (system, user and
+tool turns, role headers, BOS, separators). *Trained* is whether this example's loss scores it: the
+same thing unless a message carries its own `train: true|false`.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+from dataclasses import dataclass, field, replace
+from html import escape
+
+from instructune import IGNORE_INDEX
+from instructune.data.conversation import Conversation
+from instructune.errors import UserError
+
+ROLE_INSTRUCTION = "instruction"
+ROLE_RESPONSE = "response"
+LOSS_SCALE_MAX = 6.0
+"""The loss drawn in the reddest colour (p ≈ 0.25 %); higher losses get the same colour."""
+
+
+@dataclass
+class TokenExplanation:
+    """One token of the example: what it is, whether it is trained, and what the model made of it."""
+
+    index: int
+    id: int
+    text: str
+    """The text this token adds to the decoded example."""
+    role: str
+    """`instruction` or `response`."""
+    trained: bool
+    prob: float | None
+    """p(token | all tokens before it); None for the first token, which nothing predicts."""
+    loss: float | None
+    """-ln prob; None for the first token."""
+    top: list[tuple[str, float]] = field(default_factory=list)
+    """The model's most likely tokens at this position (text, probability), at trained positions only."""
+
+    def to_json(self) -> dict:
+        """The JSON object of this token (without the top-k alternatives)."""
+        return {"index": self.index, "id": self.id, "text": self.text, "role": self.role,
+                "trained": self.trained, "prob": self.prob, "loss": self.loss}
+
+
+@dataclass
+class Explanation:
+    """Every token of one example, scored, and the masked and unmasked losses they add up to."""
+
+    tokens: list[TokenExplanation]
+
+    @property
+    def trained(self) -> list[TokenExplanation]:
+        """The tokens the masked loss scores."""
+        return [t for t in self.tokens if t.trained and t.loss is not None]
+
+    @property
+    def scored(self) -> list[TokenExplanation]:
+        """Every token that has a loss (all but the first): what the unmasked loss scores."""
+        return [t for t in self.tokens if t.loss is not None]
+
+    @property
+    def masked_loss_sum(self) -> float:
+        """Σ -ln p over the trained tokens."""
+        return math.fsum(t.loss for t in self.trained)
+
+    @property
+    def masked_loss_mean(self) -> float:
+        """The loss training reports for this example: the mean over trained tokens."""
+        return self.masked_loss_sum / len(self.trained) if self.trained else float("nan")
+
+    @property
+    def unmasked_loss_sum(self) -> float:
+        """Σ -ln p over every token but the first, as if instruction tokens counted."""
+        return math.fsum(t.loss for t in self.scored)
+
+    @property
+    def unmasked_loss_mean(self) -> float:
+        """The mean over every token but the first."""
+        return self.unmasked_loss_sum / len(self.scored) if self.scored else float("nan")
+
+    def to_json(self) -> dict:
+        """`{"tokens": [...], "masked_loss_sum", "masked_loss_mean", "unmasked_loss_sum", "unmasked_loss_mean"}`."""
+        return {"tokens": [t.to_json() for t in self.tokens],
+                "masked_loss_sum": self.masked_loss_sum, "masked_loss_mean": self.masked_loss_mean,
+                "unmasked_loss_sum": self.unmasked_loss_sum, "unmasked_loss_mean": self.unmasked_loss_mean}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Computing it
+
+def example_conversation(instruction: str, response: str, *, input_text: str | None = None,
+                         system: str | None = None) -> Conversation:
+    """The conversation of an Alpaca-style example given on the command line."""
+    from instructune.data.formats import alpaca_to_conversation
+
+    record = {"instruction": instruction, "output": response}
+    if input_text:
+        record["input"] = input_text
+    if system:
+        record["system"] = system
+    return alpaca_to_conversation(record)
+
+
+def conversation_at(path: str, row: int, data_format: str | None = None) -> Conversation:
+    """Row `row` (0-based, counting every row of the source) of a dataset, as a conversation."""
+    from instructune.data.readers import read_conversations
+
+    if row < 0:
+        raise UserError(f"--row must be 0 or more, got {row}")
+    result = read_conversations(path, data_format=data_format, on_bad_row="skip")
+    for index, conversation in result.conversations:
+        if index == row:
+            return conversation
+    if row >= result.rows_read:
+        raise UserError(f"{path} has {result.rows_read} row(s); --row {row} is past the end (rows count from 0)")
+    raise UserError(f"{path}: row {row} is not a valid example; `instructune inspect {path}` says why")
+
+
+def _roles_and_labels(tokenizer, template: str, conv: Conversation) -> tuple[list[int], list[str], list[int]]:
+    """Token ids, per-token role (instruction/response) and the labels this example trains with."""
+    from instructune.data.encode import ConversationEncoder, DropRow
+
+    encoder = ConversationEncoder(tokenizer, template, train_on="assistant")
+    try:
+        actual = encoder.encode(conv)
+        # The role ignores per-message `train` flags: it is what the assistant policy would train.
+        plain = Conversation(messages=[replace(m, train=None) for m in conv.messages], tools=conv.tools)
+        policy = actual if plain.messages == conv.messages else encoder.encode(plain)
+    except DropRow as error:
+        raise UserError(f"this example cannot be encoded exactly, so training would drop it ({error}); "
+                        "`instructune inspect` shows more") from None
+    roles = [ROLE_RESPONSE if label != IGNORE_INDEX else ROLE_INSTRUCTION for label in policy.labels]
+    return actual.input_ids, roles, actual.labels
+
+
+def explain_conversation(model, tokenizer, template: str, conv: Conversation, *, top_k: int = 3) -> Explanation:
+    """Encode `conv` as training does and score every token with `model` (see the module docstring)."""
+    from instructune.show.tokens import decode_pieces
+    from instructune.use.scoring import score_batch
+
+    if conv.is_text:
+        raise UserError("this row is a plain text document, trained on every token; explain shows the "
+                        "instruction masking of conversations")
+    if top_k < 0:
+        raise UserError(f"--top-k must be 0 or more, got {top_k}")
+    ids, roles, labels = _roles_and_labels(tokenizer, template, conv)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores = score_batch(model, [ids], [range(1, len(ids))], pad_token_id=pad, top_k=top_k)[0]
+    pieces = decode_pieces(tokenizer, ids)
+    names: dict[int, str] = {}
+
+    def name(token_id: int) -> str:
+        if token_id not in names:
+            names[token_id] = tokenizer.decode([token_id], skip_special_tokens=False)
+        return names[token_id]
+
+    tokens = [TokenExplanation(index=0, id=ids[0], text=pieces[0], role=roles[0],
+                               trained=labels[0] != IGNORE_INDEX, prob=None, loss=None)]
+    for k, position in enumerate(scores.positions):
+        log_prob = scores.log_probs[k]
+        trained = labels[position] != IGNORE_INDEX
+        top = [(name(i), p) for i, p in zip(scores.top_ids[k], scores.top_probs[k])] if trained and top_k else []
+        tokens.append(TokenExplanation(index=position, id=ids[position], text=pieces[position], role=roles[position],
+                                       trained=trained, prob=math.exp(log_prob), loss=-log_prob, top=top))
+    return Explanation(tokens)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Showing it
+
+def _token_cell(text: str) -> str:
+    from instructune.show.tokens import visible
+
+    # One table row per token: a newline shows as ↵ only, and spaces as ␣ so " Pacific" ≠ "Pacific".
+    return visible(text).replace("\n", "").replace(" ", "␣")
+
+
+def _alternative(text: str) -> str:
+    from instructune.show.tokens import visible
+
+    return visible(text.strip() or text).replace("\n", "")
+
+
+def top_text(token: TokenExplanation) -> str:
+    """`Pacific 0.70, Atlantic 0.20, Indian 0.10`."""
+    return ", ".join(f"{_alternative(text)} {p:.2f}" for text, p in token.top)
+
+
+def loss_colour(loss: float) -> str:
+    """A `#rrggbb` background from green (loss 0) through yellow to red (loss >= LOSS_SCALE_MAX)."""
+    share = min(max(loss / LOSS_SCALE_MAX, 0.0), 1.0)
+    red, green, blue = colorsys.hls_to_rgb((1 - share) / 3, 0.78, 0.75)
+    return f"#{round(red * 255):02x}{round(green * 255):02x}{round(blue * 255):02x}"
+
+
+def print_explanation(console, explanation: Explanation) -> None:
+    """The per-token table, then the masked and unmasked totals side by side."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=None, show_edge=False, pad_edge=False, header_style="bold")
+    for heading, justify in (("#", "right"), ("token", "left"), ("role", "left"), ("trained", "left"),
+                             ("p", "right"), ("loss", "right"), ("top alternatives", "left")):
+        table.add_column(heading, justify=justify, overflow="fold")
+    for t in explanation.tokens:
+        prob = "" if t.prob is None else f"{t.prob:.4f}"
+        loss = "" if t.loss is None else f"{t.loss:.4f}"
+        style = "bold green" if t.trained else "grey58"
+        # Text objects, not strings: a token such as `[/INST]` must not be read as rich markup.
+        table.add_row(str(t.index), Text(_token_cell(t.text)), t.role, "yes" if t.trained else "masked", prob, loss,
+                      Text(top_text(t)), style=style)
+    console.print(table)
+    console.print()
+    console.print(totals_table(explanation))
+    trained, scored = len(explanation.trained), len(explanation.scored)
+    console.print(f"Training on this example scores its {trained} trained token(s): loss "
+                  f"{explanation.masked_loss_mean:.4f}. If the {scored - trained} instruction token(s) counted "
+                  f"too, it would be {explanation.unmasked_loss_mean:.4f}.", markup=False, soft_wrap=True)
+
+
+def totals_table(explanation: Explanation):
+    """A rich table of the masked and unmasked loss: sum, mean and token count."""
+    from rich.table import Table
+
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for heading, justify in (("loss", "left"), ("sum", "right"), ("mean", "right"), ("tokens", "right")):
+        table.add_column(heading, justify=justify)
+    table.add_row("masked (trained tokens only)", f"{explanation.masked_loss_sum:.4f}",
+                  f"{explanation.masked_loss_mean:.4f}", str(len(explanation.trained)), style="bold green")
+    table.add_row("unmasked (every token but the first)", f"{explanation.unmasked_loss_sum:.4f}",
+                  f"{explanation.unmasked_loss_mean:.4f}", str(len(explanation.scored)))
+    return table
+
+
+_EXTRA_CSS = """
+table.tok td, table.tok th { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: .85rem; }
+table.tok tr.trained td { font-weight: 600; } table.tok tr.masked td { color: #777; }
+.swatch { display: inline-block; width: 1.4em; text-align: center; border-radius: 2px; }
+"""
+
+
+def explanation_html(explanation: Explanation, *, special: set[int] | None = None, subtitle: str = "") -> str:
+    """A self-contained page: the example with tokens coloured by loss (hover for p and top-k), the table."""
+    from instructune.show.html import CSS, token_spans
+    from instructune.show.tokens import TokenView
+
+    views = []
+    for t in explanation.tokens:
+        note = "" if t.loss is None else f"p {t.prob:.4f} · loss {t.loss:.4f}"
+        if t.top:
+            note += f" · top: {top_text(t)}"
+        views.append(TokenView(text=t.text, token_id=t.id, label=t.id if t.trained else IGNORE_INDEX, role=t.role,
+                               special=t.id in (special or set()),
+                               background=None if t.loss is None else loss_colour(t.loss), note=note))
+    scale = "".join(f'<span class="swatch" style="background:{loss_colour(x)}">{x:g}</span>'
+                    for x in (0, 0.5, 1, 2, 3, 4, 5, 6))
+    rows = []
+    for t in explanation.tokens:
+        cells = [str(t.index), escape(_token_cell(t.text)), t.role, "yes" if t.trained else "masked",
+                 "" if t.prob is None else f"{t.prob:.4f}", "" if t.loss is None else f"{t.loss:.4f}",
+                 escape(top_text(t))]
+        style = "" if t.loss is None else f' style="background:{loss_colour(t.loss)}"'
+        cells[5] = f"<span class=swatch{style}>&nbsp;</span> {cells[5]}" if t.loss is not None else ""
+        numeric = (0, 4, 5)
+        row = "".join(f"<td{' class=n' if i in numeric else ''}>{c}</td>" for i, c in enumerate(cells))
+        rows.append(f'<tr class="{"trained" if t.trained else "masked"}">{row}</tr>')
+    head = "".join(f"<th{' class=n' if i in (0, 4, 5) else ''}>{h}</th>" for i, h in enumerate(
+        ("#", "token", "role", "trained", "p", "loss", "top alternatives")))
+    e = explanation
+    totals = (
+        "<table><thead><tr><th>loss</th><th class=n>sum</th><th class=n>mean</th><th class=n>tokens</th></tr>"
+        f"</thead><tbody><tr><td>masked (trained tokens only)</td><td class=n>{e.masked_loss_sum:.4f}</td>"
+        f"<td class=n>{e.masked_loss_mean:.4f}</td><td class=n>{len(e.trained)}</td></tr>"
+        f"<tr><td>unmasked (every token but the first)</td><td class=n>{e.unmasked_loss_sum:.4f}</td>"
+        f"<td class=n>{e.unmasked_loss_mean:.4f}</td><td class=n>{len(e.scored)}</td></tr></tbody></table>")
+    body = [
+        "<h1>instructune explain</h1>",
+        f'<p class="sub">{escape(subtitle)}</p>' if subtitle else "",
+        f'<p class="legend">background: the token\'s loss −ln p, {scale} and up · the trained tokens sit '
+        "between ⟦ ⟧ · hover a token for p, its loss and the model's top alternatives</p>",
+        f'<pre class="tokens">{token_spans(views)}</pre>',
+        "<h2>Totals</h2>", totals,
+        "<h2>Tokens</h2>", f'<table class="tok"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>',
+    ]
+    return ("<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>instructune explain</title>\n<style>{CSS}{_EXTRA_CSS}</style>\n</head>\n<body>\n"
+            + "\n".join(part for part in body if part) + "\n</body>\n</html>\n")
