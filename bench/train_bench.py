@@ -88,7 +88,7 @@ WORKLOADS = {
 
 def gemma_gguf() -> Path:
     """Gemma-3-270M as one .gguf in the cache, joined from the four PyPI wheels' parts on first use."""
-    from instructune.model.load import cache_dir
+    from instructune.cache import cache_dir
 
     parts = []
     for package in GEMMA_PARTS:
@@ -110,7 +110,8 @@ def gemma_gguf() -> Path:
 
 def model_specs(workloads: list[Workload]) -> dict[str, tuple[str, str]]:
     """For each model: (instructune's spec, the converted Hugging Face folder that TRL loads), converted once."""
-    from instructune.model.load import DEFAULT_MODEL, convert_gguf, resolve_model_path
+    from instructune.model.gguf import convert_gguf
+    from instructune.model.load import DEFAULT_MODEL, resolve_model_path
 
     specs = {}
     for model in sorted({w.model for w in workloads}):
@@ -131,8 +132,8 @@ def with_template_tokens(folder: str, template: str) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from instructune.cache import cache_dir
     from instructune.data.templates import add_template_tokens
-    from instructune.model.load import cache_dir
 
     target = cache_dir() / "bench" / f"{Path(folder).name}-{template}"
     if (target / "config.json").is_file():
@@ -430,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     workloads = [WORKLOADS[n] for n in names]
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     started = time.perf_counter()
+    from instructune.cache import cache_dir
     from instructune.data.templates import BUILTIN_MARKERS, BUILTIN_TEMPLATES
-    from instructune.model.load import cache_dir
 
     specs = model_specs(workloads)
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:

@@ -353,3 +353,18 @@ def test_inspect_command_end_to_end(tmp_path, capsys, monkeypatch):
     assert "Summary" in printed and re.search(r"kept\s+3", printed) and "trained fraction" in printed
     assert "row 2 ·" not in printed and "wrote 3 row(s)" in printed
     assert page.read_text(encoding="utf-8").count('class="row"') == 2
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--max-length", "0"], "--max-length must be at least 2"),
+    (["--max-length", "1"], "--max-length must be at least 2"),
+    (["--format", "xml"], "--format must be a known format"),
+])
+def test_inspect_refuses_encoding_settings_out_of_range_before_loading(tmp_path, capsys, flags, named):
+    from instructune.cli import main
+
+    # The tokenizer does not exist: the flags are checked first, so its absence never comes up.
+    status = main(["inspect", str(tmp_path / "data.jsonl"), "--tokenizer", str(tmp_path / "missing"), *flags])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith(f"error: {named}") and err.count("\n") == 1

@@ -9,6 +9,7 @@ import pytest
 from instructune import IGNORE_INDEX
 from instructune.data.conversation import Conversation, Message
 from instructune.data.encode import ConversationEncoder, DropRow
+from instructune.data.options import EncodingOptions
 from instructune.data.templates import BUILTIN_TEMPLATES, resolve_template
 from instructune.errors import UserError
 from instructune.testing import make_tiny_tokenizer
@@ -24,7 +25,7 @@ def shown(tokenizer, row) -> str:
 
 
 def encode(tokenizer, messages, template=None, **kwargs):
-    encoder = ConversationEncoder(tokenizer, resolve_template(template, tokenizer), **kwargs)
+    encoder = ConversationEncoder(tokenizer, resolve_template(template, tokenizer), EncodingOptions(**kwargs))
     return encoder.encode(Conversation([Message(*m) if isinstance(m, tuple) else m for m in messages]))
 
 

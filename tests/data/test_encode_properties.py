@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from instructune import IGNORE_INDEX
 from instructune.data.conversation import Conversation, Message
 from instructune.data.encode import ConversationEncoder, DropRow
+from instructune.data.options import EncodingOptions
 from instructune.testing import CHATML_TEMPLATE, make_tiny_tokenizer
 
 LLAMA3_TEMPLATE = (
@@ -107,7 +108,7 @@ def trained_runs(row) -> list[list[int]]:
 def check(template_name: str, conv: Conversation, train_on: str) -> None:
     template, closing, _, add_bos = TEMPLATES[template_name]
     tok = tokenizer_for(add_bos)
-    encoder = ConversationEncoder(tok, template, train_on=train_on)
+    encoder = ConversationEncoder(tok, template, EncodingOptions(train_on=train_on))
     try:
         row = encoder.encode(conv)
     except DropRow as drop:

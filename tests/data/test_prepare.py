@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from instructune import IGNORE_INDEX
+from instructune.data.options import EncodingOptions
 from instructune.data.prepare import prepare_dataset
 from instructune.testing import make_tiny_tokenizer
 
@@ -30,8 +31,8 @@ ROWS = [
 
 def test_report_counts_rows_tokens_and_drop_reasons(tmp_path):
     tok = make_tiny_tokenizer()
-    prepared = prepare_dataset(write_jsonl(tmp_path / "d.jsonl", ROWS), tok, max_length=60, on_bad_row="skip",
-                               cache_dir=False)
+    prepared = prepare_dataset(write_jsonl(tmp_path / "d.jsonl", ROWS), tok,
+                               EncodingOptions(max_length=60, on_bad_row="skip"), cache_dir=False)
     report = prepared.report
     assert report.rows_read == 5 and report.rows_kept == 4
     assert report.dropped == {"bad_row": 1}
@@ -46,10 +47,23 @@ def test_report_counts_rows_tokens_and_drop_reasons(tmp_path):
     assert "line 4" in report.bad_row_messages[0] and "instruction" in report.bad_row_messages[0]
 
 
+def test_the_report_names_each_dropped_row_also_from_the_cache(tmp_path):
+    tok = make_tiny_tokenizer()
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    options = EncodingOptions(max_length=60, truncation="drop", on_bad_row="skip")
+    first = prepare_dataset(data, tok, options, cache_dir=tmp_path / "cache")
+    assert first.report.drops == [(2, "too_long"), (3, "bad_row")]
+    assert len(first.report.drops) == sum(first.report.dropped.values())
+    assert [index for index, _ in first.conversations] == [0, 1, 2, 4]  # every row read, kept or not
+    second = prepare_dataset(data, tok, options, cache_dir=tmp_path / "cache")
+    assert second.from_cache and second.report == first.report and second.conversations == first.conversations
+
+
 def test_rows_left_without_trained_tokens_are_dropped_and_counted(tmp_path):
     tok = make_tiny_tokenizer()
     rows = [{"instruction": "q" * 200, "output": "a"}, {"instruction": "Hi", "output": "Hello"}]
-    prepared = prepare_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, max_length=40, cache_dir=False)
+    prepared = prepare_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, EncodingOptions(max_length=40),
+                               cache_dir=False)
     assert prepared.report.dropped == {"no_trained_tokens": 1} and [r.row for r in prepared.rows] == [1]
 
 
@@ -65,7 +79,7 @@ def test_parallel_equals_serial_and_the_cache_returns_the_same_rows(tmp_path):
     assert not first.from_cache and second.from_cache
     assert second.rows == serial.rows and second.report == serial.report
     # A different policy is a different cache entry.
-    last = prepare_dataset(data, tok, train_on="all", cache_dir=tmp_path / "cache")
+    last = prepare_dataset(data, tok, EncodingOptions(train_on="all"), cache_dir=tmp_path / "cache")
     assert not last.from_cache and last.rows != serial.rows
 
 

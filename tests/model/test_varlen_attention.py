@@ -9,15 +9,15 @@ import torch
 
 from instructune import IGNORE_INDEX
 from instructune.data.batching import collate_packed, collate_padded
-from instructune.testing import make_tiny_family_model
-from instructune.train.loss import masked_lm_loss
-from instructune.varlen_attention import (
+from instructune.model.varlen_attention import (
     NAME,
     _mask,
     rows_given,
     takes_row_boundaries,
     use_varlen_attention,
 )
+from instructune.testing import make_tiny_family_model
+from instructune.train.loss import masked_lm_loss
 
 VOCAB = 64
 

@@ -239,7 +239,7 @@ def test_batched_greedy_generation_equals_one_at_a_time(tiny):
     from instructune.data.conversation import Conversation, Message
     from instructune.data.templates import resolve_template
     from instructune.model.load import load_model, load_tokenizer
-    from instructune.use.generation import encode_prompts, greedy_generate
+    from instructune.use.generation import encode_prompts, generate_ids
 
     tokenizer = load_tokenizer(str(tiny[0]))
     model = load_model(str(tiny[0]))
@@ -247,7 +247,7 @@ def test_batched_greedy_generation_equals_one_at_a_time(tiny):
     questions = ["Hello", "What is the capital of France?", "How are you? I am fine."]
     prompts = encode_prompts(tokenizer, template, [Conversation([Message("user", q)]) for q in questions])
     assert tokenizer.decode(prompts[0]).endswith("<|im_start|>assistant\n")
-    batched = greedy_generate(model, prompts, pad_token_id=0, stop_token_ids=[2, 4], max_new_tokens=12)
+    batched = generate_ids(model, prompts, pad_token_id=0, stop_token_ids=[2, 4], max_new_tokens=12)
     for prompt, output in zip(prompts, batched, strict=True):
         ids, expected = torch.tensor([prompt]), []
         with torch.no_grad():
@@ -261,8 +261,8 @@ def test_batched_greedy_generation_equals_one_at_a_time(tiny):
 
 
 def test_training_collates_padding_free_only_when_the_attention_takes_boundaries(tiny, tmp_path):
+    from instructune.model.varlen_attention import takes_row_boundaries
     from instructune.train.loop import _collate
-    from instructune.varlen_attention import takes_row_boundaries
 
     run = setup_run(config_for(tiny, tmp_path / "flat"))
     assert takes_row_boundaries(run.model)

@@ -139,3 +139,32 @@ def test_bad_arguments_are_user_errors(toy, capsys):
     folder, data, _, _ = toy
     assert main(["eval", str(data), "--model", str(folder / "untrained"), "--batch-size", "0"]) == 2
     assert "--batch-size" in capsys.readouterr().err
+
+
+def test_max_length_out_of_range_is_a_one_line_error_before_loading(tmp_path, capsys):
+    # The model does not exist: the flag is checked first, so its absence never comes up.
+    status = main(["eval", str(tmp_path / "data.jsonl"), "--model", str(tmp_path / "missing"), "--max-length", "0"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err == "error: --max-length must be at least 2 (or null), got 0\n"
+
+
+def test_drops_are_counted_as_training_counts_them_with_a_result_per_row(toy, tmp_path):
+    from instructune.data.options import EncodingOptions
+    from instructune.data.prepare import prepare_dataset
+
+    folder, _, tokenizer, _ = toy
+    data = _write_jsonl(tmp_path / "mixed.jsonl", ROWS[:2] + [{"instruction": 7, "output": "bad"}] + ROWS[2:])
+    out = tmp_path / "eval"
+    assert main(["eval", str(data), "--model", str(folder / "untrained"), "--output", str(out), "--no-generate",
+                 "--on-bad-row", "skip", "--max-length", "40", "--truncation", "drop"]) == 0
+    training = prepare_dataset(str(data), tokenizer, EncodingOptions(on_bad_row="skip", max_length=40,
+                                                                     truncation="drop"), cache_dir=False).report
+    totals = json.loads((out / "totals.json").read_text())
+    assert totals["rows"] == training.rows_read == 5
+    assert totals["rows_dropped"] == training.dropped == {"bad_row": 1, "too_long": 1}
+    assert totals["rows_scored"] == training.rows_kept
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [(r["row"], r["dropped"]) for r in rows if r["dropped"]] == training.drops
+    assert all((r["loss"] is None) == bool(r["dropped"]) for r in rows)

@@ -121,6 +121,15 @@ def test_role_is_the_policy_and_trained_follows_the_flags(tiny):
     assert explanation.masked_loss_sum == pytest.approx(sum(t.loss for t in response if t.trained), abs=1e-9)
 
 
+def test_an_example_training_would_drop_is_refused_with_the_reason(tiny):
+    from instructune.errors import UserError
+
+    model, tokenizer = tiny
+    conv = Conversation(messages=[Message("user", "Hello"), Message("assistant", "Hi.", train=False)])
+    with pytest.raises(UserError, match=r"training would drop it \(no_trained_tokens\)"):
+        explain_conversation(model, tokenizer, tokenizer.chat_template, conv)
+
+
 def test_the_loss_of_p_point_seven():
     assert round(-math.log(0.7), 4) == 0.3567
     explanation = Explanation([])

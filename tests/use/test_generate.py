@@ -7,7 +7,8 @@ import pytest
 
 from instructune.cli import main
 from instructune.testing import make_tiny_model, make_tiny_tokenizer
-from instructune.use.generation import generate_responses
+from instructune.use.generation import answer_conversations
+from instructune.use.loading import LoadedModel
 from instructune.use.prompts import read_prompts, record_conversation
 
 RECORDS = [
@@ -42,8 +43,8 @@ def test_a_jsonl_file_round_trips(checkpoint, tmp_path):
 
     # The same greedy answers as the training engineer's batched generation, in input order.
     conversations = [record_conversation(r) for r in RECORDS]
-    expected = generate_responses(model, tokenizer, tokenizer.chat_template, conversations, max_new_tokens=8,
-                                  batch_size=2)
+    expected = answer_conversations(LoadedModel.wrap(model, tokenizer, tokenizer.chat_template), conversations,
+                                    max_new_tokens=8, batch_size=2)
     assert [r["response"] for r in results] == expected
     assert conversations[3].messages[-1].content == "How are you?"  # the reference turn is not a prompt
 

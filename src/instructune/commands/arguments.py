@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
+from instructune.data.formats import FORMATS
+from instructune.data.options import ON_BAD_ROW, TRAIN_ON, TRUNCATION, EncodingOptions, OptionError
+from instructune.errors import UserError
+
 TEMPLATE_HELP = "built-in name (alpaca, chatml, plain), a .jinja file, or omit for the tokenizer's own"
-FORMAT_HELP = "alpaca, prompt_completion, messages, sharegpt, text (default: detected)"
+FORMAT_HELP = ", ".join(FORMATS) + " (default: detected)"
 
 
 def add_template_argument(parser: argparse.ArgumentParser) -> None:
@@ -24,17 +29,36 @@ def add_encoding_arguments(parser: argparse.ArgumentParser, *, template: bool = 
     if template:
         add_template_argument(parser)
     add_format_argument(parser)
-    parser.add_argument("--train-on", choices=["assistant", "last", "all"], default="assistant",
-                        help="which tokens are trained (scored): assistant (default), last, all")
-    parser.add_argument("--max-length", type=int, default=None, help="longest row in tokens (default: no limit)")
-    parser.add_argument("--truncation", choices=["keep_response", "keep_start", "drop"], default="keep_response",
-                        help="what happens to a row longer than --max-length (default keep_response)")
-    parser.add_argument("--on-bad-row", choices=["error", "skip"], default="error",
+    defaults = EncodingOptions()
+    parser.add_argument("--train-on", choices=TRAIN_ON, default=defaults.train_on,
+                        help=f"which tokens are trained (scored): {', '.join(TRAIN_ON)} "
+                             f"(default {defaults.train_on})")
+    parser.add_argument("--max-length", type=int, default=defaults.max_length,
+                        help="longest row in tokens (default: no limit)")
+    parser.add_argument("--truncation", choices=TRUNCATION, default=defaults.truncation,
+                        help=f"what happens to a row longer than --max-length "
+                             f"(default {defaults.truncation})")
+    parser.add_argument("--on-bad-row", choices=ON_BAD_ROW, default=defaults.on_bad_row,
                         help="a malformed row stops the command (error, default) or is skipped and counted")
 
 
+def encoding_options(args: argparse.Namespace) -> EncodingOptions:
+    """The `EncodingOptions` of a command's encoding flags; a flag the command lacks keeps its default.
+
+    A value out of range is a `UserError` that names the flag (`--max-length must be at least 2 ...`).
+    """
+    # Each flag's `dest` is the field's name (`--format` stores `data_format`).
+    names = [f.name for f in dataclasses.fields(EncodingOptions)]
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    try:
+        return EncodingOptions(**values)
+    except OptionError as error:
+        flag = "--format" if error.field == "data_format" else "--" + error.field.replace("_", "-")
+        raise UserError(f"{flag} {error.problem}") from None
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--model`, `--template`, `--device` and `--trust-remote-code`: which model to run and where."""
+    """`--model`, `--device` and `--trust-remote-code`: which model to run and where."""
     parser.add_argument("--model", required=True,
                         help="a Hub id, a model folder or checkpoint, a .gguf file, a LoRA adapter folder, "
                              "or smollm2-135m-instruct")
@@ -70,8 +94,6 @@ def config_keys_text() -> str:
 
 def split_config_arguments(arguments: list[str]) -> tuple[str | None, list[str]]:
     """(config path or None, key=value overrides) from the positional `[CONFIG.yaml] [key=value ...]`."""
-    from instructune.errors import UserError
-
     config_path = None
     if arguments and "=" not in arguments[0]:
         config_path, arguments = arguments[0], arguments[1:]

@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
 
     from instructune.use.chat import HELP as CHAT_HELP
     from instructune.use.chat import ChatSession, chat_loop
-    from instructune.use.loading import check_sampling, load_for_inference
+    from instructune.use.generation import check_sampling
+    from instructune.use.loading import load_for_inference
 
     check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     if args.seed is not None and args.seed < 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from instructune.commands.arguments import add_encoding_arguments, add_model_arguments
+from instructune.commands.arguments import add_encoding_arguments, add_model_arguments, encoding_options
 
 HELP = "response loss, perplexity, token accuracy and generation metrics on a dataset"
 
@@ -31,11 +31,12 @@ def run(args: argparse.Namespace) -> int:
     from instructune.use.loading import load_for_inference
     from instructune.use.text_metrics import rouge_available
 
+    options = encoding_options(args)
     data = args.data or default_eval_data()
     console = Console(highlight=False)
     if not args.data:
         console.print(f"data: the built-in held-out set ({data})", markup=False, soft_wrap=True)
-    loaded = load_for_inference(args.model, template=args.template, device=args.device,
+    loaded = load_for_inference(args.model, template=options.template, device=args.device,
                                 trust_remote_code=args.trust_remote_code)
     if not args.no_generate and not rouge_available():
         console.print("note: ROUGE-L needs the `rapidfuzz` package (pip install 'instructune[eval]'); "
@@ -44,14 +45,12 @@ def run(args: argparse.Namespace) -> int:
                     console=Console(stderr=True), transient=True)
     with bars:
         results, totals = evaluate_dataset(
-            loaded, data, data_format=args.data_format, train_on=args.train_on, max_length=args.max_length,
-            truncation=args.truncation, on_bad_row=args.on_bad_row, limit=args.limit,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, generate=not args.no_generate,
-            progress=bars)
+            loaded, data, options, limit=args.limit, max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size, generate=not args.no_generate, progress=bars)
     console.print(totals_table(totals))
     if args.output:
-        meta = {"model": args.model, "data": data, "template": args.template or "model", "train_on": args.train_on,
-                "max_new_tokens": args.max_new_tokens}
+        meta = {"model": args.model, "data": data, "template": options.template or "model",
+                "train_on": options.train_on, "max_new_tokens": args.max_new_tokens}
         write_results(args.output, results, totals, meta)
         console.print(f"wrote {Path(args.output) / 'rows.jsonl'} and {Path(args.output) / 'totals.json'}",
                       markup=False, soft_wrap=True)

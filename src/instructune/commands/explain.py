@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from instructune.commands.arguments import add_format_argument, add_model_arguments, add_template_argument
+from instructune.commands.arguments import (
+    add_format_argument,
+    add_model_arguments,
+    add_template_argument,
+    encoding_options,
+)
 from instructune.errors import UserError
 
 HELP = "per-token probabilities and losses of one example, masked vs unmasked"
@@ -43,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from instructune.use.loading import load_for_inference
 
+    options = encoding_options(args)  # checks --format before anything is loaded
     by_flags = args.instruction is not None or args.response is not None
     by_data = args.data is not None or args.row is not None
     if by_flags == by_data or (by_flags and (args.instruction is None or args.response is None)) or (
@@ -51,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if by_flags:
         conv = example_conversation(args.instruction, args.response, input_text=args.input, system=args.system)
     else:
-        conv = conversation_at(args.data, args.row, args.data_format)
+        conv = conversation_at(args.data, args.row, options.data_format)
     # fp32 on every device: the lesson is in the probabilities, which bf16 would blur.
     loaded = load_for_inference(args.model, template=args.template, device=args.device, dtype=torch.float32,
                                 trust_remote_code=args.trust_remote_code)

@@ -39,14 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Answer every prompt of `args.input` (a file, or `-` for stdin) and write JSONL to `--output` or stdout."""
-    import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from instructune.data.conversation import ConversationError
     from instructune.show.jsonl import atomic_writer
-    from instructune.use.generation import generate_for
-    from instructune.use.loading import check_sampling, load_for_inference
+    from instructune.use.generation import answer_conversations, check_sampling
+    from instructune.use.loading import load_for_inference
     from instructune.use.prompts import read_prompts, record_conversation
 
     check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
@@ -72,15 +71,13 @@ def run(args: argparse.Namespace) -> int:
 
     loaded = load_for_inference(args.model, template=args.template, device=args.device,
                                 trust_remote_code=args.trust_remote_code)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)  # after loading, which may draw random numbers of its own
     bars = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=Console(stderr=True), transient=True)
     with bars:
         task = bars.add_task("generating", total=len(conversations))
-        responses = generate_for(loaded, conversations, max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
-                                 advance=lambda n: bars.advance(task, n))
+        responses = answer_conversations(loaded, conversations, max_new_tokens=args.max_new_tokens,
+                                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                         batch_size=args.batch_size, on_batch=lambda n: bars.advance(task, n))
     lines_out = [json.dumps({**record, "response": response}, ensure_ascii=False) + "\n"
                  for record, response in zip(records, responses)]
     if args.output:

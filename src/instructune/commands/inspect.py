@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from instructune.commands.arguments import add_encoding_arguments
+from instructune.commands.arguments import add_encoding_arguments, encoding_options
 from instructune.errors import UserError
 
 HELP = "encode a dataset and show which tokens are trained"
@@ -36,12 +36,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit < 0:
         raise UserError(f"--limit must be 0 or more, got {args.limit}")
+    options = encoding_options(args)
     tokenizer = load_tokenizer(args.tokenizer, trust_remote_code=getattr(args, "trust_remote_code", False))
-    prepared = prepare_dataset(
-        args.data, tokenizer, template=args.template, data_format=args.data_format, train_on=args.train_on,
-        max_length=args.max_length, truncation=args.truncation, on_bad_row=args.on_bad_row,
-        num_proc=args.num_proc, cache_dir=False if args.no_cache else None,
-    )
+    prepared = prepare_dataset(args.data, tokenizer, options, num_proc=args.num_proc,
+                               cache_dir=False if args.no_cache else None)
     views = [row_view(row, tokenizer) for row in prepared.rows[:args.limit]]
 
     console = Console(highlight=False)

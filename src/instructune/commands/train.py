@@ -2,27 +2,31 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from instructune.errors import UserError
+from instructune.commands.arguments import add_config_arguments, config_keys_text, split_config_arguments
 from instructune.train.openmp import bound_openmp_spinning
 
-
-def split_arguments(arguments: list[str]) -> tuple[str | None, list[str]]:
-    """(config path or None, key=value overrides) from the command's positional arguments."""
-    config_path = None
-    if arguments and "=" not in arguments[0]:
-        config_path, arguments = arguments[0], arguments[1:]
-    for text in arguments:
-        if "=" not in text:
-            raise UserError(f"command line: expected key=value after the config file, got {text!r}")
-    return config_path, list(arguments)
+HELP = "fine-tune a model (with no config: the default job)"
+DESCRIPTION = ("Fine-tune with instruction masking. With no CONFIG, run the default job: SmolLM2-135M-Instruct "
+               "on the packaged question-answer set, with before/after answers to held-out questions.")
 
 
-def run_train(arguments: list[str]) -> int:
+def epilog() -> str:
+    """Every configuration key, its default and meaning."""
+    return config_keys_text()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The config file and its overrides."""
+    add_config_arguments(p, "lr=1e-4 or lora.r=8")
+
+
+def run(args: argparse.Namespace) -> int:
     """Run the command; returns the exit status."""
     bound_openmp_spinning()  # before torch loads OpenMP; see instructune.train.openmp
-    config_path, overrides = split_arguments(arguments)
+    config_path, overrides = split_config_arguments(args.arguments)
     if config_path is None:
         from instructune.study.default_job import run_default_job
 

@@ -7,7 +7,7 @@ Two layouts reach `instructune.train.loss.masked_lm_loss`:
 - **packed** (`collate_packed`): all rows concatenated into one [1, T] sequence with `position_ids`
   that restart at 0 at every row and `cu_seq_lens` (the row boundaries), and *no* `attention_mask`.
 
-How packed rows are kept apart (spec rule 12). In transformers 5.x, when a decoder gets `position_ids`
+Packed rows are kept apart (docs/masking.md, rule 12). In transformers 5.x, when a decoder gets `position_ids`
 and no `attention_mask`, `masking_utils` detects every restart of the positions and builds a
 block-diagonal causal mask for sdpa and eager attention (and composes it with sliding windows, as in
 Gemma 3). That is exact, and the tests prove it: packed and padded give the same loss and gradients,
@@ -30,6 +30,14 @@ from instructune import IGNORE_INDEX
 from instructune.data.encoded import EncodedRow
 
 __all__ = ["collate_packed", "collate_padded", "length_grouped_batches", "pack_rows"]
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS, else 0 (padding is masked anyway)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
 
 
 def _ids_and_labels(row: EncodedRow | Mapping) -> tuple[list[int], list[int]]:

@@ -1,4 +1,4 @@
-"""Encoding a conversation into `input_ids` and `labels` whose mask is exactly right (spec rules 1-10).
+"""Encoding a conversation into `input_ids` and `labels` with an exact mask (docs/masking.md, rules 1-10).
 
 The conversation is rendered once with the chat template and tokenized once, so the ids are exactly
 what the model sees at inference time. The trained character spans come from the template's
@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import bisect
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from instructune import IGNORE_INDEX
 from instructune.data.conversation import Conversation
 from instructune.data.encoded import ROLE_CODE, EncodedRow
+from instructune.data.options import DEFAULT_ENCODING, EncodingOptions
 from instructune.data.templates import END_OF_TURN_MARKERS
-from instructune.data.truncate import truncate_row
+from instructune.data.truncate import cut_end, drop_oldest_turn
 
-TRAIN_ON = ("assistant", "last", "all")
-TRUNCATION = ("keep_response", "keep_start", "drop")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
@@ -49,24 +48,21 @@ class _Span:
 
 
 class ConversationEncoder:
-    """Turns conversations into `EncodedRow`s for one tokenizer, template and masking policy."""
+    """Turns conversations into `EncodedRow`s for one tokenizer, template text and set of options.
 
-    def __init__(self, tokenizer, template: str, *, train_on: str = "assistant", max_length: int | None = None,
-                 truncation: str = "keep_response"):
-        if train_on not in TRAIN_ON:
-            raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
-        if truncation not in TRUNCATION:
-            raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
+    Of `options`, the encoder reads the masking and length policy (`train_on`, `max_length`,
+    `truncation`); `template_text` is the already resolved template.
+    """
+
+    def __init__(self, tokenizer, template_text: str, options: EncodingOptions = DEFAULT_ENCODING):
         self.tokenizer = tokenizer
-        self.template = template
-        self.train_on = train_on
-        self.max_length = max_length
-        self.truncation = truncation
-        self.has_generation_tags = bool(_GENERATION_TAG.search(template))
+        self.template = template_text
+        self.options = options
+        self.has_generation_tags = bool(_GENERATION_TAG.search(template_text))
         self.template_kwargs = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         self.prefix_special_ids = _prefix_special_ids(tokenizer)
         vocab = tokenizer.get_vocab()
-        markers = {m for m in END_OF_TURN_MARKERS if m in vocab or m in template}
+        markers = {m for m in END_OF_TURN_MARKERS if m in vocab or m in template_text}
         if tokenizer.eos_token:
             markers.add(tokenizer.eos_token)
         # Longest first, so that a marker that contains another one wins at the same position.
@@ -102,12 +98,31 @@ class ConversationEncoder:
     def encode(self, conv: Conversation, row: int = 0) -> EncodedRow:
         """Encode one conversation (with truncation); raise `DropRow` when it cannot be exactly right."""
         encoded = self._encode_text(conv, row) if conv.is_text else self._encode_messages(conv, row)
-        if self.max_length is not None and len(encoded.input_ids) > self.max_length:
-            encoded = truncate_row(self, conv, encoded, row)
+        if self.options.max_length is not None and len(encoded.input_ids) > self.options.max_length:
+            encoded = self._truncate(conv, encoded, row)
         if not any(label != IGNORE_INDEX for label in encoded.labels[1:]):
             # Position 0 is never a target (nothing precedes it), so it does not count.
             raise DropRow("no_trained_tokens", "no token of this row would be scored")
         return encoded
+
+    def _truncate(self, conv: Conversation, encoded: EncodedRow, row: int) -> EncodedRow:
+        """Fit a row longer than `max_length` by the truncation policy (see `instructune.data.truncate`)."""
+        max_length = self.options.max_length
+        if self.options.truncation == "drop":
+            raise DropRow("too_long", f"{len(encoded.input_ids)} tokens > max_length {max_length}")
+        if self.options.truncation == "keep_response" and not conv.is_text:
+            current = conv
+            while (shorter := drop_oldest_turn(current)) is not None:
+                try:
+                    candidate = self._encode_messages(shorter, row)
+                except DropRow:
+                    break
+                if not any(label != IGNORE_INDEX for label in candidate.labels[1:]):
+                    break  # the dropped turn held the only trained tokens: cutting the end keeps more
+                current, encoded = shorter, replace(candidate, truncated=True)
+                if len(encoded.input_ids) <= max_length:
+                    return encoded
+        return cut_end(encoded, max_length)
 
     # -- plain text rows -----------------------------------------------------------------------------
 
@@ -134,7 +149,7 @@ class ConversationEncoder:
         roles = _token_roles(conv, offsets, boundaries, len(self.prefix_special_ids))
         labels = [IGNORE_INDEX] * len(ids)
 
-        if self.train_on == "all":
+        if self.options.train_on == "all":
             for i in range(max(len(self.prefix_special_ids), 1), len(ids)):  # position 0 is never a target
                 labels[i] = ids[i]
             for k, message in enumerate(conv.messages):
@@ -154,7 +169,7 @@ class ConversationEncoder:
     def _trainable(self, conv: Conversation) -> list[int]:
         """Indices of the messages whose content is trained under the policy and per-message flags."""
         assistant = [k for k, m in enumerate(conv.messages) if m.role == "assistant"]
-        chosen = set(assistant if self.train_on == "assistant" else assistant[-1:])
+        chosen = set(assistant if self.options.train_on == "assistant" else assistant[-1:])
         for k, message in enumerate(conv.messages):
             if message.train is True:
                 chosen.add(k)
@@ -268,7 +283,7 @@ def _region(boundaries: list[int | None], k: int, why: str) -> tuple[int, int]:
 
 
 def _tokens_overlapping(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
-    """Token indices whose character span overlaps [start, end) (rule 5: a straddling token counts)."""
+    """Token indices overlapping [start, end) (docs/masking.md, rule 5: a straddling token counts)."""
     return [t for t, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
 
 

@@ -32,12 +32,14 @@ class EncodedRow:
 
 @dataclass
 class PreparationReport:
-    """What a preparation run did to a dataset (spec rule 13)."""
+    """What a preparation run did to a dataset (docs/masking.md, rule 13)."""
 
     rows_read: int = 0
     rows_kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     """Rows not kept, by reason (`bad_row`, `no_trained_tokens`, `too_long`, `prefix_mismatch`, ...)."""
+    drops: list[tuple[int, str]] = field(default_factory=list)
+    """Each row not kept as (row index, reason), in row order: `dropped` row by row."""
     truncated: int = 0
     tokens_total: int = 0
     tokens_trained: int = 0
@@ -56,7 +58,13 @@ class PreparationReport:
         return self.tokens_trained / self.tokens_total if self.tokens_total else 0.0
 
     def count_drop(self, reason: str, n: int = 1) -> None:
+        """Count `n` rows dropped for `reason` (without naming them; see `drop_row`)."""
         self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    def drop_row(self, row: int, reason: str) -> None:
+        """Account for one row not kept, naming it."""
+        self.count_drop(reason)
+        self.drops.append((row, reason))
 
     def add_row(self, row: EncodedRow) -> None:
         """Account for one kept row."""
@@ -80,3 +88,4 @@ class PreparationReport:
             for key, n in getattr(other, name).items():
                 mine[key] = mine.get(key, 0) + n
         self.lengths.extend(other.lengths)
+        self.drops.extend(other.drops)

@@ -1,15 +1,12 @@
 """Dataset formats: turn one raw record (a dict) into a canonical `Conversation`.
 
+`FORMATS` (at the end of the converters) is the one registry of formats: one `DataFormat` entry per
+format, from which detection, the format names users may give, the readers and the prompts of
+`instructune generate` all read. Adding a format is one converter and one entry there.
+
 Each converter checks the record's own fields and raises `ConversationError` whose `field` names
 the offending part in the record's own terms (`conversations[2].from`, not `messages[3].role`), so
 the reader can point the user at the exact spot in their file.
-
-Formats:
-- `alpaca`: `instruction`, `output`, optional `input`, `system`, `history`.
-- `prompt_completion`: `prompt`, `completion`, each a string or a list of messages; optional `tools`.
-- `messages`: OpenAI-style `messages` list; optional `tools`.
-- `sharegpt`: `conversations` list of `{from, value}` (or `{role, content}`); optional `system`, `tools`.
-- `text`: `text`, a plain document for language modelling.
 
 Extra keys in a record are ignored; extra keys in a message are kept in `Message.extra`.
 """
@@ -18,40 +15,40 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from instructune.data.conversation import ROLES, Conversation, ConversationError, Message
 from instructune.errors import UserError
 
-# The key that marks each format, in the order detection tries them. Order matters for records that
-# carry several: Alpaca dumps often also have a pre-rendered `text`, chat dumps a `prompt` beside
-# `messages`; the structured column is the one to trust.
-DETECTION_KEYS: tuple[tuple[str, str], ...] = (
-    ("messages", "messages"),
-    ("conversations", "sharegpt"),
-    ("instruction", "alpaca"),
-    ("prompt", "prompt_completion"),
-    ("text", "text"),
-)
 
-# What each format needs, for error messages.
-FORMAT_KEYS = {
-    "alpaca": "instruction, output, optional input/system/history",
-    "prompt_completion": "prompt, completion",
-    "messages": "messages",
-    "sharegpt": "conversations",
-    "text": "text",
-}
+@dataclass(frozen=True)
+class DataFormat:
+    """One dataset format: the key that marks its records, how to convert one, and how to name its parts."""
 
-# The record field that holds the turns, so a conversation-level error (empty, no assistant turn)
-# names a field the user can find in their file.
-TURNS_FIELD = {
-    "alpaca": "output",
-    "prompt_completion": "completion",
-    "messages": "messages",
-    "sharegpt": "conversations",
-    "text": "text",
-}
+    name: str
+    """The canonical name, as users give it (`--format`, `data_format:`) and as reports show it."""
+    key: str
+    """The record key that marks a record of this format."""
+    rank: int
+    """How structured the marker key's column is: 0 whole conversations, 1 instructions with their
+    parts, 2 prompts, 3 plain text. Records often carry several marker keys (Alpaca dumps a pre-rendered
+    `text`, chat dumps a `prompt` beside `messages`), and detection trusts the most structured one."""
+    needs: str
+    """The keys a record needs, for error messages."""
+    convert: Callable[[dict], Conversation]
+    """The converter: a record of this format to a `Conversation` (not validated yet)."""
+    turns_field: str
+    """The record field that holds the turns, so a conversation-level error (empty, no assistant turn)
+    names a field the user can find in their file."""
+    example: dict
+    """A small valid record of this format, for documentation and for the registry's own tests."""
+    prompts: bool = True
+    """Whether a record of this format can be a prompt to answer (`instructune generate`)."""
+    answer_field: str | None = None
+    """For a prompt: the field that holds only the answer, which a prompt record may leave out (it is
+    blanked). None when the answer is the conversation's trailing assistant turn, which is dropped."""
+
 
 SHAREGPT_SPEAKERS = {
     "human": "user",
@@ -74,14 +71,14 @@ _MESSAGE_KEYS = {"role", "content", "from", "value", "train", "weight"}
 
 
 def detect_format(record: dict) -> str:
-    """The format of a record, judged from its keys (see `DETECTION_KEYS`); `UserError` if none fits."""
+    """The format of a record, judged from its keys (see `find_format`); `UserError` if none fits."""
     if not isinstance(record, dict):
         raise UserError(f"cannot detect the data format: the record is a {type(record).__name__}, not an object")
-    for key, name in DETECTION_KEYS:
-        if key in record:
-            return name
+    found = find_format(record)
+    if found is not None:
+        return found.name
     keys = ", ".join(repr(k) for k in record) or "none"
-    known = "; ".join(f"{name} ({keys_})" for name, keys_ in FORMAT_KEYS.items())
+    known = "; ".join(f"{fmt.name} ({fmt.needs})" for fmt in FORMATS.values())
     raise UserError(
         f"cannot detect the data format from the record's keys ({keys}); known formats: {known}. "
         "Rename the columns or pass the format explicitly."
@@ -91,9 +88,20 @@ def detect_format(record: dict) -> str:
 def normalize_format_name(name: str) -> str:
     """The canonical name of a format given by the user (`prompt-completion` -> `prompt_completion`)."""
     canonical = name.strip().lower().replace("-", "_")
-    if canonical not in CONVERTERS:
-        raise UserError(f"unknown data format {name!r} (expected one of {', '.join(CONVERTERS)})")
+    if canonical not in FORMATS:
+        raise UserError(f"unknown data format {name!r} (expected one of {', '.join(FORMATS)})")
     return canonical
+
+
+def find_format(record: dict, *, for_prompts: bool = False) -> DataFormat | None:
+    """The format whose marker key the record has (the most structured one when it has several), or None.
+
+    `for_prompts` considers only the formats a prompt to answer can be written in.
+    """
+    for fmt in _BY_RANK:
+        if fmt.key in record and (fmt.prompts or not for_prompts):
+            return fmt
+    return None
 
 
 def alpaca_to_conversation(record: dict) -> Conversation:
@@ -127,8 +135,8 @@ def alpaca_to_conversation(record: dict) -> Conversation:
 
 
 def prompt_completion_to_conversation(record: dict) -> Conversation:
-    """A prompt/completion record: strings become one user and one assistant message; message lists
-    are concatenated, and assistant turns inside the prompt get `train=False` (only the completion is
+    """A prompt/completion record (optional `tools`): strings become one user and one assistant message;
+    message lists are concatenated, and assistant turns inside the prompt get `train=False` (only the completion is
     trained, whatever the prompt's messages say)."""
     for key in ("prompt", "completion"):
         if key not in record:
@@ -167,13 +175,39 @@ def text_to_conversation(record: dict) -> Conversation:
     return Conversation(text=_required_str(record, "text"))
 
 
-CONVERTERS: dict[str, Callable[[dict], Conversation]] = {
-    "alpaca": alpaca_to_conversation,
-    "prompt_completion": prompt_completion_to_conversation,
-    "messages": messages_to_conversation,
-    "sharegpt": sharegpt_to_conversation,
-    "text": text_to_conversation,
-}
+FORMATS: dict[str, DataFormat] = {fmt.name: fmt for fmt in (
+    DataFormat(
+        "alpaca", key="instruction", rank=1, needs="instruction, output, optional input/system/history",
+        convert=alpaca_to_conversation, turns_field="output", answer_field="output",
+        example={"instruction": "Name an ocean.", "input": "", "output": "The Pacific."},
+    ),
+    DataFormat(
+        "prompt_completion", key="prompt", rank=2, needs="prompt, completion",
+        convert=prompt_completion_to_conversation, turns_field="completion", answer_field="completion",
+        example={"prompt": "The sky is", "completion": " blue."},
+    ),
+    DataFormat(
+        "messages", key="messages", rank=0, needs="messages",
+        convert=messages_to_conversation, turns_field="messages",
+        example={"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+    ),
+    DataFormat(
+        "sharegpt", key="conversations", rank=0, needs="conversations",
+        convert=sharegpt_to_conversation, turns_field="conversations",
+        example={"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+    ),
+    DataFormat(
+        "text", key="text", rank=3, needs="text",
+        convert=text_to_conversation, turns_field="text", prompts=False,
+        example={"text": "Once upon a time."},
+    ),
+)}
+"""Every format, by canonical name, in the order messages and help texts list them."""
+
+_BY_RANK = sorted(FORMATS.values(), key=lambda fmt: fmt.rank)  # stable: equal ranks keep the order above
+
+PROMPT_FORMATS = tuple(sorted((fmt for fmt in FORMATS.values() if fmt.prompts), key=lambda fmt: -fmt.rank))
+"""The formats a prompt to answer can be written in, the simplest first (as help texts list them)."""
 
 
 # ---- helpers -----------------------------------------------------------------------------------

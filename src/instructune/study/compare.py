@@ -149,8 +149,9 @@ def load_heldout(config: TrainConfig, options: CompareOptions, eval_rows: list[E
     from instructune.use.evaluate import answer_keys
 
     source = options.heldout or config.eval_data or config.data
-    data_format = None if options.heldout else config.format
-    read = read_conversations(source, data_format=data_format, on_bad_row=config.on_bad_row)
+    encoding = config.encoding
+    data_format = None if options.heldout else encoding.data_format  # a `heldout` file's format is detected
+    read = read_conversations(source, data_format=data_format, on_bad_row=encoding.on_bad_row)
     in_split = {row.row for row in eval_rows} if not (options.heldout or config.eval_data) else None
     keys = answer_keys(source)
     held = HeldOut(source, [], [], [], [])
@@ -185,10 +186,11 @@ def score_answers(held: HeldOut, predictions: list[str]) -> dict[str, Any]:
 
 def answer_all(run, held: HeldOut, options: CompareOptions) -> list[str]:
     """Greedy answers of the run's model to every held-out question."""
-    from instructune.use.generation import generate_responses
+    from instructune.use.generation import answer_conversations
+    from instructune.use.loading import LoadedModel
 
-    return generate_responses(run.model, run.tokenizer, run.template, held.conversations,
-                              max_new_tokens=options.max_new_tokens, batch_size=options.generation_batch_size)
+    return answer_conversations(LoadedModel.wrap(run.model, run.tokenizer, run.template), held.conversations,
+                                max_new_tokens=options.max_new_tokens, batch_size=options.generation_batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------

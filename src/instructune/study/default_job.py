@@ -99,7 +99,8 @@ def run_default_job(overrides: list[str] | tuple[str, ...] = (), console=None) -
     from rich.table import Table
 
     from instructune.train.loop import evaluate, fit, setup_run
-    from instructune.use.generation import generate_responses
+    from instructune.use.generation import answer_conversations
+    from instructune.use.loading import LoadedModel
 
     console = console or Console(highlight=False, soft_wrap=True)
     started = time.perf_counter()
@@ -111,8 +112,8 @@ def run_default_job(overrides: list[str] | tuple[str, ...] = (), console=None) -
     conversations = [q.conversation for q in questions]
 
     def answers(model) -> list[str]:
-        return generate_responses(model, run.tokenizer, run.template, conversations,
-                                  max_new_tokens=MAX_NEW_TOKENS, batch_size=16)
+        return answer_conversations(LoadedModel.wrap(model, run.tokenizer, run.template), conversations,
+                                    max_new_tokens=MAX_NEW_TOKENS, batch_size=16)
 
     if run.start_step == 0:
         before_eval = evaluate(run) if run.eval_rows else None

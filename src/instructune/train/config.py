@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from instructune.data.options import ON_BAD_ROW, TRAIN_ON, TRUNCATION, EncodingOptions, OptionError
 from instructune.errors import UserError
 from instructune.model.load import DEFAULT_MODEL
 from instructune.model.lora import LORA_SETTINGS, _lora_config_kwargs
@@ -34,9 +35,9 @@ DEFAULT_WARMUP_FRACTION = 0.03
 """Share of the optimizer steps spent warming up when `warmup_steps` is not given."""
 
 CHOICES = {
-    "train_on": ("assistant", "last", "all"),
-    "truncation": ("keep_response", "keep_start", "drop"),
-    "on_bad_row": ("error", "skip"),
+    "train_on": TRAIN_ON,
+    "truncation": TRUNCATION,
+    "on_bad_row": ON_BAD_ROW,
     "schedule": ("constant", "linear", "cosine"),
     "loss_normalization": ("token", "sequence"),
     "device": ("auto", "cpu", "cuda"),
@@ -146,6 +147,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @property
+    def encoding(self) -> EncodingOptions:
+        """How this run reads and encodes its data (an `OptionError` names a setting out of range)."""
+        return EncodingOptions(template=self.template, data_format=self.format, train_on=self.train_on,
+                               max_length=self.max_length, truncation=self.truncation,
+                               on_bad_row=self.on_bad_row)
+
+    @property
     def effective_lr(self) -> float:
         """The learning rate the run uses (`lr`, or the default for full fine-tuning or LoRA)."""
         if self.lr is not None:
@@ -235,6 +243,8 @@ def _check_value(name: str, value: Any) -> Any:
     return value
 
 
+_CONFIG_KEY = {"data_format": "format"}
+"""The configuration key of an `EncodingOptions` field, where the names differ."""
 _POSITIVE = ("batch_size", "grad_accum", "epochs", "keep_last", "log_every", "dist_timeout_s")
 _NON_NEGATIVE = ("eval_every", "save_every", "warmup_steps", "weight_decay", "max_grad_norm")
 
@@ -251,8 +261,10 @@ def _check_ranges(config: TrainConfig) -> list[tuple[str, str]]:
             problems.append((name, f"must not be negative, got {value}"))
     if config.max_steps is not None and config.max_steps < 1:
         problems.append(("max_steps", f"must be at least 1 (or null to use epochs), got {config.max_steps}"))
-    if config.max_length is not None and config.max_length < 2:
-        problems.append(("max_length", f"must be at least 2 (or null), got {config.max_length}"))
+    try:
+        _ = config.encoding  # the encoding settings are checked where they are defined (data/options.py)
+    except OptionError as error:
+        problems.append((_CONFIG_KEY.get(error.field, error.field), error.problem))
     if config.lr is not None and not config.lr > 0:
         problems.append(("lr", f"must be positive, got {config.lr}"))
     if not 0 <= config.eval_fraction < 1:

@@ -7,7 +7,7 @@ What a run on N ranks does differently from one on a single process:
   order); `rank_share` then gives each rank its part of every micro-batch, balanced by tokens. A rank
   whose share is empty (fewer rows than ranks) runs a row with every label masked
   (`without_targets`): its loss is a differentiable zero, so it still joins every collective.
-- **The loss** (spec rule 11). The step's target count is summed over the ranks once, before any
+- **The loss** (docs/masking.md, rule 11). The step's target count is summed over the ranks once, before any
   backward pass; each rank back-propagates Σ -log p over its own targets divided by that *global*
   count, so the gradient of the step's loss is the *sum* of the ranks' gradients. DDP and FSDP divide
   by N by default; here DDP all-reduces with a SUM comm hook (`_sum_gradients`) and FSDP2

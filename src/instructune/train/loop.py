@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from instructune.data.batching import collate_packed, collate_padded
+from instructune.data.batching import collate_packed, collate_padded, pad_token_id
 from instructune.data.encoded import EncodedRow
 from instructune.errors import UserError
+from instructune.model.varlen_attention import takes_row_boundaries
 from instructune.train.checkpoint import latest_checkpoint, quiet_saving, save_checkpoint
 from instructune.train.config import TrainConfig, config_to_yaml
 from instructune.train.distributed import NoMetrics, shutdown, without_targets
@@ -36,7 +37,6 @@ from instructune.train.metrics import MetricsLogger, ProgressReporter, plot_loss
 from instructune.train.optim import grad_norm, lr_at, set_lr
 from instructune.train.setup import TrainingRun, setup_run
 from instructune.train.step_plan import step_counts
-from instructune.varlen_attention import takes_row_boundaries
 
 __all__ = ["TrainResult", "TrainingRun", "collate_rows", "evaluate", "evaluate_all", "fit", "setup_run", "train"]
 
@@ -44,7 +44,7 @@ __all__ = ["TrainResult", "TrainingRun", "collate_rows", "evaluate", "evaluate_a
 def collate_rows(run: TrainingRun, rows: list[EncodedRow]) -> dict[str, torch.Tensor]:
     """A training micro-batch: one padding-free sequence when packing or when the attention takes row
     boundaries (`padding_free`), else rows padded to the longest."""
-    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(run.tokenizer)
     flat = run.config.packing or (run.config.padding_free and takes_row_boundaries(run.model))
     return collate_packed(rows, pad) if flat else collate_padded(rows, pad)
 
@@ -64,7 +64,7 @@ def evaluate(run: TrainingRun, eval_rows: list[EncodedRow] | None = None) -> dic
     """Loss over the labelled tokens (token-normalised) and next-token accuracy; default: the eval rows."""
     eval_rows = run.eval_rows if eval_rows is None else eval_rows
     run.model.eval()
-    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(run.tokenizer)
     order = sorted(range(len(eval_rows)), key=lambda i: len(eval_rows[i]))
     loss_sum = torch.zeros((), dtype=torch.float64)
     correct, targets = 0, 0

@@ -1,4 +1,4 @@
-"""Masked, token-normalised cross-entropy over the response positions only (spec rules 11-12).
+"""Masked, token-normalised cross-entropy over the response positions only (docs/masking.md, rules 11-12).
 
 The loss runs the model *body* (the decoder without its LM head), shifts by one (the hidden state at
 position t predicts the label at t+1), gathers only the positions whose shifted label is not -100, and
@@ -32,14 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from instructune import IGNORE_INDEX
+from instructune.model.varlen_attention import NAME as VARLEN_ATTENTION
+from instructune.model.varlen_attention import rows_given
 from instructune.train.fused_head import (
     chunk_rows,
     fused_linear_cross_entropy,
     keep_gradient_for_reuse,
     transform_logits,
 )
-from instructune.varlen_attention import NAME as VARLEN_ATTENTION
-from instructune.varlen_attention import rows_given
 
 __all__ = [
     "LossOutput",

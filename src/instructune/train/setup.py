@@ -17,6 +17,7 @@ import torch
 
 from instructune.data.encoded import EncodedRow
 from instructune.errors import UserError
+from instructune.model.varlen_attention import use_varlen_attention
 from instructune.train.checkpoint import (
     CONFIG_FILE,
     latest_checkpoint,
@@ -35,7 +36,6 @@ from instructune.train.distributed import Parallel, init_distributed
 from instructune.train.metrics import METRICS_FILE
 from instructune.train.optim import build_optimizer, default_warmup_steps
 from instructune.train.step_plan import StepPlan
-from instructune.varlen_attention import use_varlen_attention
 
 RUN_FILES = ("config.yaml", METRICS_FILE, "loss.png", "tensorboard", "merged")
 """What a run writes into its output folder besides checkpoints (removed by `overwrite: true`)."""
@@ -115,13 +115,10 @@ def prepare_splits(config: TrainConfig, tokenizer, console) -> tuple[list[Encode
     """Encode the training (and evaluation) data; returns (train rows, eval rows, template text)."""
     from instructune.data.prepare import prepare_dataset
 
-    options = dict(template=config.template, data_format=config.format, train_on=config.train_on,
-                   max_length=config.max_length, truncation=config.truncation, on_bad_row=config.on_bad_row,
-                   num_proc=config.num_proc)
-    prepared = prepare_dataset(config.data, tokenizer, **options)
+    prepared = prepare_dataset(config.data, tokenizer, config.encoding, num_proc=config.num_proc)
     _print_report(console, config.data, prepared.report)
     if config.eval_data:
-        evaluation = prepare_dataset(config.eval_data, tokenizer, **options)
+        evaluation = prepare_dataset(config.eval_data, tokenizer, config.encoding, num_proc=config.num_proc)
         _print_report(console, config.eval_data, evaluation.report)
         return prepared.rows, evaluation.rows, prepared.template
     train_rows, eval_rows = _split_rows(prepared.rows, config)

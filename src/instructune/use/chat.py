@@ -28,7 +28,7 @@ class ChatSession:
     def __init__(self, loaded, *, system: str | None = None, temperature: float = 0.7, top_p: float = 0.9,
                  max_new_tokens: int = 256):
         from instructune.data.encode import ConversationEncoder
-        from instructune.use.loading import check_sampling
+        from instructune.use.generation import check_sampling
 
         check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         self.loaded = loaded
@@ -73,19 +73,22 @@ class ChatSession:
 
     def reply(self, text: str, write: Callable[[str], None], note: Callable[[str], None] | None = None) -> str:
         """Answer `text`, streaming the answer to `write`; the exchange joins the conversation when finished."""
-        from instructune.use.loading import stream_generate
+        from instructune.use.generation import stream_answer
 
         self.turns.append(Message("user", text))
+        pieces = []
         try:
             forgotten = self._fit_context()
             if forgotten and note is not None:
                 note(f"(the conversation outgrew the model's context: {forgotten} oldest message(s) forgotten)")
-            ids = stream_generate(self.loaded, self.prompt_ids(), write, max_new_tokens=self.max_new_tokens,
-                                  temperature=self.temperature, top_p=self.top_p)
+            for piece in stream_answer(self.loaded, self.prompt_ids(), max_new_tokens=self.max_new_tokens,
+                                       temperature=self.temperature, top_p=self.top_p):
+                write(piece)
+                pieces.append(piece)
         except BaseException:
             self.turns.pop()  # an interrupted or failed answer leaves the conversation as it was
             raise
-        answer = self.loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        answer = "".join(pieces).strip()  # the pieces join to the decoded answer
         self.turns.append(Message("assistant", answer))
         return answer
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from instructune.data.conversation import Conversation
+from instructune.data.options import DEFAULT_ENCODING, EncodingOptions
 from instructune.errors import UserError
 
 DEFAULT_EVAL_DATA = "default_qa/heldout.jsonl"
@@ -131,55 +132,51 @@ def score_rows(model, encoded: list, *, pad_token_id: int, batch_size: int,
 def generate_answers(loaded, conversations: list[Conversation], *, max_new_tokens: int, batch_size: int,
                      advance: Callable[[int], None] | None = None) -> list[str]:
     """Greedy answers to each conversation without its last assistant turn, decoded and stripped."""
-    from instructune.use.generation import encode_prompts, greedy_generate, prompt_conversation
+    from instructune.use.generation import answer_conversations
 
-    prompts = encode_prompts(loaded.tokenizer, loaded.template, [prompt_conversation(c) for c in conversations])
-    outputs = greedy_generate(loaded.model, prompts, pad_token_id=loaded.pad_token_id,
-                              stop_token_ids=loaded.stop_token_ids, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, on_batch=advance)
-    return [loaded.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
+    return answer_conversations(loaded, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                on_batch=advance)
 
 
-def evaluate_dataset(loaded, data: str, *, data_format: str | None = None, train_on: str = "assistant",
-                     max_length: int | None = None, truncation: str = "keep_response", on_bad_row: str = "error",
+def evaluate_dataset(loaded, data: str, options: EncodingOptions = DEFAULT_ENCODING, *,
                      limit: int | None = None, max_new_tokens: int = 64, batch_size: int = 8,
                      generate: bool = True, progress=None) -> tuple[list[RowResult], EvalTotals]:
     """Score every row's response tokens and, unless `generate` is False, answer the first `limit` rows.
 
-    `progress` is an optional `rich.progress.Progress` that gets one task per pass.
+    The rows are read and encoded by `prepare_dataset`, as training prepares them, with the model's
+    template (`loaded.template`, which `options.template` chose when loading), so the rows scored and
+    the drops counted are training's. There is one result per row read, dropped rows with their
+    reason. `progress` is an optional `rich.progress.Progress` that gets one task per pass.
     """
-    from instructune.data.encode import ConversationEncoder, DropRow
-    from instructune.data.readers import read_conversations
+    from instructune.data.prepare import prepare_dataset
     from instructune.use.text_metrics import contains_answer, exact_match, rouge_available, rouge_l
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if limit is not None and limit < 0:
         raise UserError(f"--limit must be 0 or more, got {limit}")
-    read = read_conversations(data, data_format=data_format, on_bad_row=on_bad_row)
+    # Serially and uncached, as eval always encoded: no worker processes forked from one that holds
+    # a model, and no cache entries for sets that are scored once.
+    prepared = prepare_dataset(data, loaded.tokenizer, options, template_text=loaded.template, num_proc=1,
+                               cache_dir=False)
+    report = prepared.report
     keys = answer_keys(data)
-    results = [RowResult(row=index, prompt=_last_user_text(conv)) for index, conv in read.conversations]
-    totals = EvalTotals(rows=read.rows_read)
-    if read.bad_rows:
-        totals.rows_dropped["bad_row"] = read.bad_rows
+    conversations = dict(prepared.conversations)
+    by_row = {index: RowResult(row=index, prompt=_last_user_text(conv))
+              for index, conv in conversations.items()}
+    for index, reason in report.drops:
+        by_row.setdefault(index, RowResult(row=index)).dropped = reason  # a bad row has no conversation
+    results = [by_row[index] for index in sorted(by_row)]
+    totals = EvalTotals(rows=report.rows_read, rows_dropped=dict(report.dropped))
 
-    encoder = ConversationEncoder(loaded.tokenizer, loaded.template, train_on=train_on, max_length=max_length,
-                                  truncation=truncation)
-    encoded, encoded_at = [], []
-    for k, (index, conv) in enumerate(read.conversations):
-        try:
-            encoded.append(encoder.encode(conv, index))
-            encoded_at.append(k)
-        except DropRow as error:
-            results[k].dropped = error.reason
-            totals.rows_dropped[error.reason] = totals.rows_dropped.get(error.reason, 0) + 1
-    task = progress.add_task("scoring responses", total=len(encoded)) if progress is not None else None
+    task = progress.add_task("scoring responses", total=len(prepared.rows)) if progress is not None else None
     advance = (lambda n: progress.advance(task, n)) if progress is not None else None
-    scored = score_rows(loaded.model, encoded, pad_token_id=loaded.pad_token_id, batch_size=batch_size,
+    scored = score_rows(loaded.model, prepared.rows, pad_token_id=loaded.pad_token_id, batch_size=batch_size,
                         advance=advance)
     loss_sum = 0.0
-    for k, (row_loss, n, correct) in zip(encoded_at, scored):
-        results[k].loss, results[k].tokens, results[k].correct = row_loss / n if n else None, n, correct
+    for encoded, (row_loss, n, correct) in zip(prepared.rows, scored):
+        result = by_row[encoded.row]
+        result.loss, result.tokens, result.correct = row_loss / n if n else None, n, correct
         loss_sum += row_loss
         totals.tokens += n
         totals.rows_scored += 1
@@ -190,17 +187,17 @@ def evaluate_dataset(loaded, data: str, *, data_format: str | None = None, train
         totals.token_accuracy = correct_total / totals.tokens
 
     if generate:
-        chosen = [k for k, (_, conv) in enumerate(read.conversations)
+        chosen = [index for index, conv in conversations.items()
                   if not conv.is_text and conv.messages and conv.messages[-1].role == "assistant"]
         chosen = chosen[:limit] if limit is not None else chosen
         task = progress.add_task("generating", total=len(chosen)) if progress is not None else None
         advance = (lambda n: progress.advance(task, n)) if progress is not None else None
-        answers = generate_answers(loaded, [read.conversations[k][1] for k in chosen], max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, advance=advance)
+        answers = generate_answers(loaded, [conversations[index] for index in chosen],
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size, advance=advance)
         with_rouge = rouge_available()
-        for k, prediction in zip(chosen, answers):
-            result = results[k]
-            result.reference = read.conversations[k][1].messages[-1].content
+        for index, prediction in zip(chosen, answers):
+            result = by_row[index]
+            result.reference = conversations[index].messages[-1].content
             result.prediction = prediction
             result.answer = keys.get(result.row)
             result.exact_match = exact_match(prediction, result.reference)
@@ -208,7 +205,7 @@ def evaluate_dataset(loaded, data: str, *, data_format: str | None = None, train
             result.rouge_l = rouge_l(prediction, result.reference) if with_rouge else None
         totals.generated = len(chosen)
         if chosen:
-            generated = [results[k] for k in chosen]
+            generated = [by_row[index] for index in chosen]
             totals.exact_match = sum(r.exact_match for r in generated) / len(generated)
             totals.contains = sum(r.contains for r in generated) / len(generated)
             if with_rouge:

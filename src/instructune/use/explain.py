@@ -129,23 +129,27 @@ def conversation_at(path: str, row: int, data_format: str | None = None) -> Conv
 
 def _roles_and_labels(tokenizer, template: str, conv: Conversation) -> tuple[list[int], list[str], list[int]]:
     """Token ids, per-token role (instruction/response) and the labels this example trains with."""
-    from instructune.data.encode import ConversationEncoder, DropRow
+    from instructune.data.options import EncodingOptions
+    from instructune.data.prepare import prepare_dataset
 
-    encoder = ConversationEncoder(tokenizer, template, train_on="assistant")
-    try:
-        actual = encoder.encode(conv)
-        # The role ignores per-message `train` flags: it is what the assistant policy would train.
-        plain = Conversation(messages=[replace(m, train=None) for m in conv.messages], tools=conv.tools)
-        policy = actual if plain.messages == conv.messages else encoder.encode(plain)
-    except DropRow as error:
-        raise UserError(f"this example cannot be encoded exactly, so training would drop it ({error}); "
-                        "`instructune inspect` shows more") from None
+    # The role ignores per-message `train` flags: it is what the assistant policy would train.
+    plain = Conversation(messages=[replace(m, train=None) for m in conv.messages], tools=conv.tools)
+    examples = [conv] if plain.messages == conv.messages else [conv, plain]
+    # One example, so no worker processes and no cache entry.
+    prepared = prepare_dataset(examples, tokenizer, EncodingOptions(train_on="assistant"),
+                               template_text=template, num_proc=1, cache_dir=False)
+    if prepared.report.drops:
+        reason = prepared.report.drops[0][1]
+        raise UserError(f"this example cannot be encoded exactly, so training would drop it ({reason}); "
+                        "`instructune inspect` shows more")
+    actual, policy = prepared.rows[0], prepared.rows[-1]
     roles = [ROLE_RESPONSE if label != IGNORE_INDEX else ROLE_INSTRUCTION for label in policy.labels]
     return actual.input_ids, roles, actual.labels
 
 
 def explain_conversation(model, tokenizer, template: str, conv: Conversation, *, top_k: int = 3) -> Explanation:
     """Encode `conv` as training does and score every token with `model` (see the module docstring)."""
+    from instructune.data.batching import pad_token_id
     from instructune.show.tokens import decode_pieces
     from instructune.use.scoring import score_batch
 
@@ -155,8 +159,7 @@ def explain_conversation(model, tokenizer, template: str, conv: Conversation, *,
     if top_k < 0:
         raise UserError(f"--top-k must be 0 or more, got {top_k}")
     ids, roles, labels = _roles_and_labels(tokenizer, template, conv)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = score_batch(model, [ids], [range(1, len(ids))], pad_token_id=pad, top_k=top_k)[0]
+    scores = score_batch(model, [ids], [range(1, len(ids))], pad_token_id=pad_token_id(tokenizer), top_k=top_k)[0]
     pieces = decode_pieces(tokenizer, ids)
     names: dict[int, str] = {}
 

@@ -36,27 +36,17 @@ def read_prompts(lines: list[str], source: str) -> tuple[list[dict[str, Any]], b
 
 def record_conversation(record: dict[str, Any], system: str | None = None) -> Conversation:
     """The conversation a prompt record asks to continue (a trailing assistant turn removed)."""
-    from instructune.data.formats import (
-        alpaca_to_conversation,
-        messages_to_conversation,
-        prompt_completion_to_conversation,
-        sharegpt_to_conversation,
-    )
+    from instructune.data.formats import PROMPT_FORMATS, find_format
     from instructune.use.generation import prompt_conversation
 
-    if "messages" in record:
-        conv = messages_to_conversation(record)
-    elif "conversations" in record:
-        conv = sharegpt_to_conversation(record)
-    elif "instruction" in record:
-        conv = alpaca_to_conversation({**record, "output": ""})
-    elif "prompt" in record:
-        conv = prompt_completion_to_conversation({**record, "completion": ""})
-    else:
+    fmt = find_format(record, for_prompts=True)
+    if fmt is None:
         keys = ", ".join(repr(k) for k in record) or "none"
-        raise UserError(f"no prompt in the record (keys: {keys}); give `prompt`, `instruction`, `messages` "
-                        "or `conversations`")
-    conv = prompt_conversation(conv)
+        wanted = [f"`{f.key}`" for f in PROMPT_FORMATS]
+        raise UserError(f"no prompt in the record (keys: {keys}); give {', '.join(wanted[:-1])} or {wanted[-1]}")
+    if fmt.answer_field is not None:
+        record = {**record, fmt.answer_field: ""}  # a reference answer, if any, is not part of the prompt
+    conv = prompt_conversation(fmt.convert(record))
     if not conv.messages or conv.messages[-1].role == "assistant":
         raise UserError("the record has nothing to answer: it needs a user turn at the end")
     if system and conv.messages[0].role != "system":

@@ -9,11 +9,12 @@ transformers 5), which keeps a batch at [rows, kept positions, vocabulary] inste
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from instructune.use.generation import accepts_logits_to_keep
 
 
 @dataclass
@@ -30,14 +31,6 @@ class RowScores:
     """The `top_k` most likely tokens at each position, most likely first (empty when top_k is 0)."""
     top_probs: list[list[float]] = field(default_factory=list)
     """Their probabilities."""
-
-
-def _takes_logits_to_keep(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 @torch.no_grad()
@@ -63,7 +56,7 @@ def score_batch(model, rows: Sequence[Sequence[int]], positions: Sequence[Sequen
     was_training = model.training
     model.eval()
     try:
-        if _takes_logits_to_keep(model):
+        if accepts_logits_to_keep(model):
             keep = torch.tensor(predictors, dtype=torch.long, device=device)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
                            logits_to_keep=keep).logits
