@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from instructune import IGNORE_INDEX
 from instructune.data.conversation import Conversation, Message
 from instructune.data.readers import read_conversations
 from instructune.errors import UserError
@@ -47,3 +48,15 @@ def error_of(tmp_path: Path, records: list, name: str = "data.jsonl", **kwargs) 
     with pytest.raises(UserError) as info:
         read_conversations(path, **kwargs)
     return str(info.value)
+
+
+def trained_runs(row) -> list[list[int]]:
+    """The runs of consecutive trained tokens of an encoded row, in order (one per trained turn, usually)."""
+    runs, current = [], []
+    for token_id, label in zip(row.input_ids, row.labels):
+        if label != IGNORE_INDEX:
+            current.append(token_id)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])

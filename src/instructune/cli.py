@@ -13,6 +13,7 @@ import os
 import sys
 from types import ModuleType
 
+from instructune.commands.arguments import check_arguments
 from instructune.errors import UserError
 
 COMMANDS = ("inspect", "train", "compare", "explain", "eval", "generate", "chat")
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `instructune` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        check_arguments(args)  # every flag's range, by the rules a config's keys follow too
         return command_module(args.command).run(args) or 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -368,3 +368,44 @@ def test_inspect_refuses_encoding_settings_out_of_range_before_loading(tmp_path,
     err = capsys.readouterr().err
     assert status == 2
     assert err.startswith(f"error: {named}") and err.count("\n") == 1
+
+
+def _tokenizer_folder(tmp_path):
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "tokenizer"
+    make_tiny_tokenizer().save_pretrained(folder)
+    LlamaConfig(vocab_size=len(make_tiny_tokenizer())).save_pretrained(folder)
+    return folder
+
+
+def test_a_broken_template_file_fails_before_anything_is_loaded_or_read(tmp_path, capsys):
+    from instructune.cli import main
+
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}\n{{ m['content'] }\n")
+    # Neither the data nor the tokenizer exists: the template is checked first.
+    status = main(["inspect", str(tmp_path / "data.jsonl"), "--tokenizer", str(tmp_path / "missing"),
+                   "--template", str(template)])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err == f"error: template file {template}, line 2, column 17: Jinja syntax error: unexpected '}}'\n"
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_every_row_dropped_shows_the_summary_then_fails(tmp_path, capsys, monkeypatch, jsonl):
+    from instructune.cli import main
+
+    monkeypatch.setenv("INSTRUCTUNE_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Which is the largest ocean? {i}",
+                                        "output": "The Pacific Ocean."}) + "\n" for i in range(3)))
+    out = tmp_path / "rows.jsonl"
+    status = main(["inspect", str(data), "--tokenizer", str(_tokenizer_folder(tmp_path)), "--max-length", "4",
+                   "--truncation", "drop", *(["--jsonl", str(out)] if jsonl else [])])
+    captured = capsys.readouterr()
+    assert status == 2
+    assert "Summary" in captured.out and "too_long" in captured.out  # how the user finds out why
+    assert captured.err == (f"error: {data}: no rows kept: 3 too_long (see the summary above)"
+                            + (f"; {out} not written" if jsonl else "") + "\n")
+    assert not out.exists()

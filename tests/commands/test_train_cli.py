@@ -65,7 +65,7 @@ def test_default_job_plumbing_with_a_tiny_model(tiny, tmp_path, monkeypatch, cap
     assert len(answers) > 20 and {"question", "answer", "before", "after"} <= set(answers[0])
     # Running it again refuses to overwrite; resuming the finished run is fine.
     assert main(["train", f"model={tiny[0]}", "max_steps=2", "batch_size=2"]) == 2
-    assert "already holds a run; pass resume=true" in capsys.readouterr().err
+    assert "runs/default already holds a run (checkpoint-2); add resume=true to the command" in capsys.readouterr().err
     assert main(["train", f"model={tiny[0]}", "max_steps=2", "batch_size=2", "resume=true"]) == 0
     assert "had already finished" in capsys.readouterr().out
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from data_fixtures import trained_runs
 from instructune import IGNORE_INDEX
 from instructune.data.conversation import Conversation, Message
 from instructune.data.encode import ConversationEncoder, DropRow
@@ -92,17 +93,6 @@ def conversations(draw, allow_system_and_tools: bool):
 
 
 _WS = re.compile(r"\s+")
-
-
-def trained_runs(row) -> list[list[int]]:
-    runs, current = [], []
-    for token_id, label in zip(row.input_ids, row.labels):
-        if label != IGNORE_INDEX:
-            current.append(token_id)
-        elif current:
-            runs.append(current)
-            current = []
-    return runs + ([current] if current else [])
 
 
 def check(template_name: str, conv: Conversation, train_on: str) -> None:

@@ -13,7 +13,17 @@ import pytest
 from instructune.commands.arguments import add_encoding_arguments, encoding_options
 from instructune.data import prepare
 from instructune.data.conversation import Conversation, Message
-from instructune.data.options import ON_BAD_ROW, TRAIN_ON, TRUNCATION, EncodingOptions, OptionError
+from instructune.data.options import (
+    HISTORY,
+    ON_BAD_ROW,
+    REASONING,
+    SYSTEM,
+    TRAIN_ON,
+    TRAIN_ON_EOS,
+    TRUNCATION,
+    EncodingOptions,
+    OptionError,
+)
 from instructune.data.templates import resolve_template
 from instructune.errors import UserError
 from instructune.testing import make_tiny_tokenizer
@@ -23,7 +33,8 @@ FIELDS = [f.name for f in dataclasses.fields(EncodingOptions)]
 
 # A valid value other than the default, for every field; a field added later must be added here.
 OTHER_VALUE = {"template": "chatml", "data_format": "alpaca", "train_on": "all", "max_length": 64,
-               "truncation": "drop", "on_bad_row": "skip"}
+               "truncation": "drop", "on_bad_row": "skip", "history": "expand", "reasoning": "mask",
+               "train_on_eos": "none", "system_role": "merge", "template_vars": {"functions": []}}
 
 
 @pytest.mark.parametrize("name, value, message", [
@@ -82,7 +93,8 @@ def test_the_cache_key_changes_with_every_field_that_shapes_rows(name):
 
 def test_the_configuration_and_the_command_line_build_the_same_options():
     settings = {"template": "chatml", "data_format": "alpaca", "train_on": "last", "max_length": 64,
-                "truncation": "keep_start", "on_bad_row": "skip"}
+                "truncation": "keep_start", "on_bad_row": "skip", "history": "drop", "reasoning": "mask",
+                "train_on_eos": "all", "system_role": "drop", "template_vars": '{"functions": [1]}'}
     assert set(settings) == set(FIELDS)
     config_key = {"data_format": "format"}
     config = load_config(overrides=[f"{config_key.get(k, k)}={v}" for k, v in settings.items()])
@@ -98,7 +110,8 @@ def test_the_choices_are_defined_once():
     parser = argparse.ArgumentParser()
     add_encoding_arguments(parser)
     choices = {a.dest: tuple(a.choices) for a in parser._actions if a.choices}
-    assert choices == {"train_on": TRAIN_ON, "truncation": TRUNCATION, "on_bad_row": ON_BAD_ROW}
+    assert choices == {"train_on": TRAIN_ON, "truncation": TRUNCATION, "on_bad_row": ON_BAD_ROW,
+                       "history": HISTORY, "reasoning": REASONING, "train_on_eos": TRAIN_ON_EOS, "system_role": SYSTEM}
 
 
 def test_the_command_line_helper_names_the_flag():

@@ -24,6 +24,16 @@ def test_apply_lora_leaves_only_adapters_trainable():
     assert peft_model.peft_config["default"].lora_alpha == 8
 
 
+def test_apply_lora_prints_no_deprecation_warning():
+    """peft reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning on every LoRA run."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_lora(make_tiny_model(100), {"r": 2})
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
+
+
 def test_merge_lora_gives_the_adapter_models_logits():
     model = make_tiny_model(100)
     base_logits = logits_of(model, [5, 6, 7, 8])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,3 +212,63 @@ def test_kill_at_random_moments_always_leaves_a_loadable_checkpoint(tiny, tmp_pa
         assert latest is not None
         _loads_with_transformers(latest)
         assert len(list_checkpoints(run)) <= 3  # keep_last, plus the newest when the kill came before pruning
+
+
+# ---------------------------------------------------------------------------------------------------
+# save_optimizer: the optimizer state (twice the fp32 weights) only where a resume needs it
+
+def _with_optimizer(run: Path) -> list[int]:
+    return [step for step, path in list_checkpoints(run) if (path / "optimizer.pt").is_file()]
+
+
+def test_only_the_newest_checkpoint_keeps_the_optimizer_state_and_resume_is_still_exact(tiny, tmp_path,
+                                                                                       monkeypatch):
+    import instructune.train.loop as loop
+    from instructune.errors import UserError
+
+    model, data = tiny
+    run = tmp_path / "run"
+    settings = quick_settings(model, data, run, save_every=4, max_steps=12)
+    real_save = loop.save_checkpoint
+
+    def crash_at_12(output_dir, step, **kwargs):
+        if step == 12:
+            raise KeyboardInterrupt("killed while saving step 12")
+        return real_save(output_dir, step, **kwargs)
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_at_12)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(overrides=settings))
+    monkeypatch.undo()
+    assert _with_optimizer(run) == [8]  # checkpoint-4 gave its state up once checkpoint-8 was complete
+    _loads_with_transformers(run / "checkpoint-4")  # a model-only checkpoint is still a model
+
+    train(load_config(overrides=[*settings, "resume=true"]))  # from the newest, checkpoint-8
+    train(load_config(overrides=quick_settings(model, data, tmp_path / "reference", save_every=4, max_steps=12)))
+    assert train_records(run) == train_records(tmp_path / "reference")
+    assert _with_optimizer(run) == [12] and [s for s, _ in list_checkpoints(run)] == [4, 8, 12]
+
+    # A newest checkpoint without optimizer state (here: checkpoint-12 deleted by hand) is refused, clearly.
+    shutil.rmtree(run / "checkpoint-12")
+    metrics = (run / "metrics.jsonl").read_text()
+    with pytest.raises(UserError, match=r"cannot resume from .*checkpoint-8: it holds no optimizer state "
+                                        r"\(optimizer.pt\).*save_optimizer: last keeps the state in the newest"):
+        train(load_config(overrides=[*settings, "resume=true"]))
+    assert (run / "metrics.jsonl").read_text() == metrics  # refused before anything was written
+
+
+def test_save_optimizer_all_keeps_every_state_and_none_keeps_none(tiny, tmp_path):
+    from instructune.errors import UserError
+
+    model, data = tiny
+    for choice, expected in (("all", [2, 4]), ("none", [])):
+        run = tmp_path / choice
+        train(load_config(overrides=quick_settings(model, data, run, save_every=2, max_steps=4, eval_every=0,
+                                                   save_optimizer=choice)))
+        assert [s for s, _ in list_checkpoints(run)] == [2, 4] and _with_optimizer(run) == expected
+    _loads_with_transformers(tmp_path / "none" / "checkpoint-4")
+    with pytest.raises(UserError, match="save_optimizer: none"):
+        train(load_config(overrides=quick_settings(model, data, tmp_path / "none", save_every=2, max_steps=6,
+                                                   eval_every=0, save_optimizer="none", resume=True)))
+    with pytest.raises(UserError, match="'save_optimizer': expected one of last, all, none, got 'some'"):
+        load_config(overrides=["save_optimizer=some"])

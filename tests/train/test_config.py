@@ -152,3 +152,43 @@ def test_parse_override_reads_values_as_yaml():
 def test_saved_configuration_with_an_unknown_key_is_refused():
     with pytest.raises(UserError, match="checkpoint: unknown key 'old_key'"):
         config_from_dict({"old_key": 1}, origin="checkpoint")
+
+
+def test_relative_paths_in_a_config_file_are_read_from_its_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "project" / "configs"
+    (folder / "data").mkdir(parents=True)
+    for name in ("train.jsonl", "eval.jsonl", "chat.jinja"):
+        (folder / "data" / name).write_text("")
+    (tmp_path / "project" / "shared.jsonl").write_text("")
+    (folder / "run.yaml").write_text("data: data/train.jsonl\neval_data: ../shared.jsonl\ntemplate: data/chat.jinja\n")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the paths still point into the config's folder
+    config = load_config(folder / "run.yaml")
+    assert Path(config.data) == folder / "data" / "train.jsonl"
+    assert Path(config.eval_data) == tmp_path / "project" / "shared.jsonl"
+    assert Path(config.template) == folder / "data" / "chat.jinja"
+    # From the command line, relative paths are the current folder's, as any command's.
+    config = load_config(folder / "run.yaml", ["data=data/train.jsonl", "template=chatml"])
+    assert config.data == "data/train.jsonl" and config.template == "chatml"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("data: tatsu-lab/alpaca\n", "tatsu-lab/alpaca"),  # a Hub dataset name, not a file there
+    ("data: name:train\n", "name:train"),
+    ("data: ./tatsu-lab/alpaca\n", "{folder}/tatsu-lab/alpaca"),  # ./ says: a path, from the config's folder
+    ("template: chatml\n", "chatml"),
+    ("data: /abs/data.jsonl\n", "/abs/data.jsonl"),
+])
+def test_names_that_are_not_paths_next_to_the_config_stay_as_they_are(tmp_path, text, expected):
+    (tmp_path / "run.yaml").write_text(text)
+    config = load_config(tmp_path / "run.yaml")
+    assert (config.template if text.startswith("template") else config.data) == expected.format(folder=tmp_path)
+
+
+def test_the_shipped_configs_find_their_data_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("default.yaml", "example_lora.yaml"):
+        config = load_config(REPO / "configs" / name)
+        assert Path(config.data).is_file() and Path(config.eval_data).is_file()
+    monkeypatch.chdir(REPO)
+    config = load_config("configs/default.yaml")
+    assert config.data == "src/instructune/resources/default_qa/train.jsonl"

@@ -36,8 +36,9 @@ needs_proc = pytest.mark.skipif(sys.platform != "linux", reason="finds the ranks
 
 # 41 training rows in micro-batches of 4: one micro-batch has a single row, so rank 1's share of it is
 # empty; the 4 evaluation rows make one batch, so rank 1 evaluates nothing either.
+# Every checkpoint keeps its optimizer state: `cut_back` makes an older one the newest, as a kill would.
 SETTINGS = {"batch_size": 4, "grad_accum": 2, "lr": 1e-2, "epochs": 1, "eval_fraction": 0.08, "eval_every": 2,
-            "save_every": 2, "keep_last": 10, "log_every": 1, "dist_timeout_s": 60}
+            "save_every": 2, "keep_last": 10, "log_every": 1, "dist_timeout_s": 60, "save_optimizer": "all"}
 
 
 @pytest.fixture(scope="module")

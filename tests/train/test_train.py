@@ -147,7 +147,8 @@ def test_loss_falls_and_metrics_have_every_field(tiny, tmp_path):
 
 
 def test_resume_equals_uninterrupted_bitwise_with_lora_dropout_and_accumulation(tiny, tmp_path):
-    extra = dict(max_steps=12, grad_accum=2, lora={"r": 4, "dropout": 0.2}, save_every=4)
+    # save_optimizer=all: cutting the run back below leaves checkpoint-4 the newest, as a kill would have.
+    extra = dict(max_steps=12, grad_accum=2, lora={"r": 4, "dropout": 0.2}, save_every=4, save_optimizer="all")
     train(config_for(tiny, tmp_path / "reference", **extra))
     interrupted = tmp_path / "interrupted"
     train(config_for(tiny, interrupted, **extra))
@@ -168,8 +169,8 @@ def test_resume_equals_uninterrupted_bitwise_with_lora_dropout_and_accumulation(
 def test_resume_of_a_full_fine_tuning_run_and_of_a_finished_run(tiny, tmp_path, capsys):
     train(config_for(tiny, tmp_path / "reference", max_steps=8))
     run = tmp_path / "run"
-    train(config_for(tiny, run, max_steps=8))
-    shutil.rmtree(run / "checkpoint-8")
+    train(config_for(tiny, run, max_steps=8, save_optimizer="all"))  # as if killed before checkpoint-8:
+    shutil.rmtree(run / "checkpoint-8")  # checkpoint-4 was the newest then, with its optimizer state
     resumed = train(config_for(tiny, run, max_steps=8, resume=True))
     assert train_records(run) == train_records(tmp_path / "reference")
     again = train(config_for(tiny, run, max_steps=8, resume=True))  # finished: not an error
@@ -183,8 +184,13 @@ def test_resume_of_a_full_fine_tuning_run_and_of_a_finished_run(tiny, tmp_path, 
 
 def test_an_existing_run_is_not_overwritten_by_accident(tiny, tmp_path):
     train(config_for(tiny, tmp_path / "run", max_steps=2))
-    with pytest.raises(UserError, match="already holds a run; pass resume=true"):
+    with pytest.raises(UserError) as info:
         train(config_for(tiny, tmp_path / "run", max_steps=2))
+    # The message says exactly what to add to the command.
+    assert str(info.value) == (
+        f"{tmp_path / 'run'} already holds a run (checkpoint-2); add resume=true to the command to continue it, "
+        f"overwrite=true to start it again (its checkpoints are deleted), or output_dir={tmp_path / 'run-2'} "
+        "for a new run")
     train(config_for(tiny, tmp_path / "run", max_steps=3, overwrite=True))
     assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-3"]
 
@@ -286,3 +292,60 @@ def test_gradient_checkpointing_recomputes_padding_free_attention_per_row(tiny, 
     assert math.isclose(loss_plain, loss_checkpointed, rel_tol=1e-6)
     for name, grad in grads_plain.items():
         torch.testing.assert_close(grads_checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runs that cannot start, or fail: a clear error, and no empty output folder left behind
+
+def test_every_row_dropped_stops_with_the_reasons_and_the_inspect_command(tiny, tmp_path):
+    model, data = tiny
+    output = tmp_path / "runs" / "dropped"
+    with pytest.raises(UserError) as info:
+        train(config_for(tiny, output, max_length=4, truncation="drop"))
+    assert str(info.value) == (f"{data}: no rows kept: 48 too_long; `instructune inspect {data} --tokenizer {model} "
+                               "--max-length 4 --truncation drop` shows why")
+    assert not (tmp_path / "runs").exists()  # the folders this run created are gone again
+
+
+def test_a_broken_template_file_stops_the_run_before_data_or_folders(tiny, tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}\n{{ m['content'] }\n")
+    config = dataclasses.replace(config_for(tiny, tmp_path / "run"), template=str(template),
+                                 data=str(tmp_path / "no-such-data.jsonl"))
+    with pytest.raises(UserError, match=rf"^template file {template}, line 2, column 17: Jinja syntax error"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
+def _fail_at_step(monkeypatch, failing_step):
+    import instructune.train.loop as loop
+
+    def lr_or_fail(step, **kwargs):
+        if step == failing_step:
+            raise RuntimeError("boom")
+        return lr_at(step, **kwargs)
+
+    monkeypatch.setattr(loop, "lr_at", lr_or_fail)
+
+
+def test_a_run_failing_before_its_first_checkpoint_leaves_no_folder(tiny, tmp_path, monkeypatch):
+    _fail_at_step(monkeypatch, 2)  # metrics.jsonl has rows by then, but no checkpoint exists
+    with pytest.raises(RuntimeError):
+        train(config_for(tiny, tmp_path / "new" / "run", save_every=4))
+    assert (tmp_path / "new" / "run").exists()  # metrics rows are worth keeping
+    _fail_at_step(monkeypatch, 0)
+    with pytest.raises(RuntimeError):
+        train(config_for(tiny, tmp_path / "other" / "run"))
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_failed_run_keeps_folders_that_existed_or_hold_a_checkpoint(tiny, tmp_path, monkeypatch):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(UserError):
+        train(dataclasses.replace(config_for(tiny, existing), data=str(tmp_path / "missing.jsonl")))
+    assert existing.is_dir()
+    _fail_at_step(monkeypatch, 5)
+    with pytest.raises(RuntimeError):
+        train(config_for(tiny, tmp_path / "fresh", save_every=4))
+    assert (tmp_path / "fresh" / "checkpoint-4" / "COMPLETE").exists()

@@ -132,7 +132,25 @@ def test_limit_and_an_adapter(toy, tmp_path):
     totals = json.loads((out / "totals.json").read_text())
     assert totals["generated"] == 2 and totals["exact_match"] == 1.0 and totals["token_accuracy"] == 1.0
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
-    assert [r["prediction"] is not None for r in rows] == [True, True, False, False]
+    # --limit limits the rows, in the loss pass too: the first two rows only.
+    assert [r["row"] for r in rows] == [0, 1] and all(r["prediction"] is not None for r in rows)
+    assert totals["rows"] == totals["rows_scored"] == 2
+
+
+def test_limit_limits_the_loss_pass_and_every_pass_shows_progress(toy, tmp_path, capsys):
+    folder, data, _, _ = toy
+    out = tmp_path / "eval"
+    assert main(["eval", str(data), "--model", str(folder / "memorised"), "--output", str(out), "--limit", "3",
+                 "--no-generate"]) == 0
+    totals = json.loads((out / "totals.json").read_text())
+    assert totals["rows"] == totals["rows_scored"] == 3 and totals["generated"] == 0
+    # Both passes report progress even where a bar cannot show (stderr is not a terminal here).
+    err = capsys.readouterr().err
+    assert "scoring responses: 0/3 (started)" in err and "scoring responses: 3/3 (" in err and ", done)" in err
+    assert main(["eval", str(data), "--model", str(folder / "memorised"), "--limit", "1",
+                 "--max-new-tokens", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "scoring responses: 1/1" in err and "generating: 0/1 (started)" in err and "generating: 1/1" in err
 
 
 def test_bad_arguments_are_user_errors(toy, capsys):
@@ -168,3 +186,13 @@ def test_drops_are_counted_as_training_counts_them_with_a_result_per_row(toy, tm
     assert [r["row"] for r in rows] == [0, 1, 2, 3, 4]
     assert [(r["row"], r["dropped"]) for r in rows if r["dropped"]] == training.drops
     assert all((r["loss"] is None) == bool(r["dropped"]) for r in rows)
+
+
+def test_a_broken_template_fails_before_the_model_is_loaded(tmp_path, capsys):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}\n{{ m['content'] }\n")
+    # The model folder does not exist: the template is what the error must be about.
+    assert main(["eval", str(tmp_path / "d.jsonl"), "--model", str(tmp_path / "missing") + "/",
+                 "--template", str(template)]) == 2
+    assert capsys.readouterr().err == (f"error: template file {template}, line 2, column 17: Jinja syntax error: "
+                                       "unexpected '}'\n")

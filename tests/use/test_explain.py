@@ -137,6 +137,32 @@ def test_the_loss_of_p_point_seven():
     assert loss_colour(0) != loss_colour(3) != loss_colour(100) == loss_colour(6)
 
 
+def test_small_probabilities_stay_readable_and_alternatives_keep_their_space():
+    """p of a 15-nat token is 3.1e-07, not 0.0000; ` Pacific` and `Pacific` are two tokens, shown apart."""
+    import io
+
+    from rich.console import Console
+
+    from instructune.use.explain import TokenExplanation, explanation_html, format_prob, print_explanation
+
+    unlikely = math.exp(-15.0)
+    tokens = [TokenExplanation(0, 5, "The", "response", False, None, None),
+              TokenExplanation(1, 6, " Pacific", "response", True, unlikely, 15.0,
+                               top=[(" Pacific", 0.5), ("Pacific", 0.25), (" Atlantic", 0.04)]),
+              TokenExplanation(2, 7, " Ocean", "response", True, 0.7, -math.log(0.7))]
+    explanation = Explanation(tokens)
+    out = io.StringIO()
+    print_explanation(Console(file=out, width=200, no_color=True), explanation)
+    printed = out.getvalue()
+    assert "3.1e-07" in printed and "0.0000" not in printed and "0.7000" in printed
+    assert "␣Pacific 0.50, Pacific 0.25, ␣Atlantic 4.0e-02" in printed
+    assert top_text(tokens[1]) == "␣Pacific 0.50, Pacific 0.25, ␣Atlantic 4.0e-02"
+    page = explanation_html(explanation)
+    assert "3.1e-07" in page and "0.0000" not in page
+    assert json.loads(json.dumps(explanation.to_json()))["tokens"][1]["prob"] == unlikely  # full precision
+    assert [format_prob(p) for p in (1.0, 0.0012, 9.9e-4, 0.0)] == ["1.0000", "0.0012", "9.9e-04", "0.0000"]
+
+
 def test_cli_writes_json_and_html(checkpoint, tmp_path, capsys):
     out_json, out_html = tmp_path / "explain.json", tmp_path / "explain.html"
     code = main(["explain", "--model", str(checkpoint), "--instruction", "Which is the largest ocean?",

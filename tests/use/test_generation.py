@@ -1,5 +1,6 @@
 """The generation module's invariants on a tiny random model: batching, greedy/sampling, stops, streaming."""
 
+import importlib.util
 from types import SimpleNamespace
 
 import pytest
@@ -152,3 +153,32 @@ def test_settings_out_of_range_are_user_errors(loaded, prompts):
                            ({"max_new_tokens": 0}, "--max-new-tokens"), ({"batch_size": 0}, "--batch-size")]:
         with pytest.raises(UserError, match=flag):
             _generate(loaded, prompts, **settings)
+
+
+def test_generation_and_scoring_emit_no_deprecation_warnings(loaded, prompts):
+    """transformers 5 renamed the forward's `past_key_values` to `cache` and warns (FutureWarning) on the
+    old name, which every command that generates printed; decoding and scoring must use what the
+    installed version expects, plain model or LoRA adapter alike."""
+    import warnings
+
+    from instructune.use.scoring import score_batch
+
+    models = [loaded.model]
+    if importlib.util.find_spec("peft") is not None:
+        from peft import LoraConfig, get_peft_model
+
+        with warnings.catch_warnings():  # building the adapter is not what this test is about
+            warnings.simplefilter("ignore")
+            models.append(get_peft_model(make_tiny_model(len(loaded.tokenizer), seed=3),
+                                         LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).eval())
+    for model in models:
+        wrapped = LoadedModel.wrap(model, loaded.tokenizer, loaded.template)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _generate(wrapped, prompts, max_new_tokens=4, batch_size=2)
+            "".join(stream_answer(wrapped, prompts[0], max_new_tokens=4))
+            score_batch(model, [prompts[1]], [range(1, len(prompts[1]))], pad_token_id=wrapped.pad_token_id,
+                        top_k=2)
+        noisy = [f"{w.category.__name__}: {w.message}" for w in caught
+                 if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+        assert noisy == [], noisy

@@ -7,7 +7,17 @@ import dataclasses
 import json
 
 from instructune.data.formats import FORMATS
-from instructune.data.options import ON_BAD_ROW, TRAIN_ON, TRUNCATION, EncodingOptions, OptionError
+from instructune.data.options import (
+    HISTORY,
+    ON_BAD_ROW,
+    REASONING,
+    SYSTEM,
+    TRAIN_ON,
+    TRAIN_ON_EOS,
+    TRUNCATION,
+    EncodingOptions,
+    OptionError,
+)
 from instructune.errors import UserError
 
 TEMPLATE_HELP = "built-in name (alpaca, chatml, plain), a .jinja file, or omit for the tokenizer's own"
@@ -25,7 +35,8 @@ def add_format_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_encoding_arguments(parser: argparse.ArgumentParser, *, template: bool = True) -> None:
-    """How rows are read and encoded: template, format, train_on, max_length, truncation, on_bad_row."""
+    """How rows are read and encoded: template, format, train_on, max_length, truncation, on_bad_row,
+    history, reasoning, train_on_eos, system_role and template_vars."""
     if template:
         add_template_argument(parser)
     add_format_argument(parser)
@@ -40,6 +51,17 @@ def add_encoding_arguments(parser: argparse.ArgumentParser, *, template: bool = 
                              f"(default {defaults.truncation})")
     parser.add_argument("--on-bad-row", choices=ON_BAD_ROW, default=defaults.on_bad_row,
                         help="a malformed row stops the command (error, default) or is skipped and counted")
+    parser.add_argument("--history", choices=HISTORY, default=defaults.history,
+                        help="templates that rewrite earlier turns: one row per turn when needed (auto, default), "
+                             "always (expand), or drop the row")
+    parser.add_argument("--reasoning", choices=REASONING, default=defaults.reasoning,
+                        help="reasoning of trained turns: train (default) or mask (context only)")
+    parser.add_argument("--train-on-eos", choices=TRAIN_ON_EOS, default=defaults.train_on_eos,
+                        help="closing tokens trained: turn (each trained turn's, default), last, all, none")
+    parser.add_argument("--system-role", choices=SYSTEM, default=defaults.system_role,
+                        help="system messages: keep (default), merge (into the first user turn) or drop")
+    parser.add_argument("--template-vars", default=defaults.template_vars, metavar="JSON",
+                        help="extra template variables as a JSON object, e.g. '{\"functions\": []}'")
 
 
 def encoding_options(args: argparse.Namespace) -> EncodingOptions:
@@ -101,3 +123,68 @@ def split_config_arguments(arguments: list[str]) -> tuple[str | None, list[str]]
         if "=" not in text:
             raise UserError(f"command line: expected key=value after the config file, got {text!r}")
     return config_path, list(arguments)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse a flag out of its range (`--num-proc must be at least 1, got 0`) before anything is loaded,
+    by the same rules (`data.options.SETTING_RANGES`) that the configuration's keys follow."""
+    from instructune.data.options import SETTING_RANGES, setting_problem
+
+    for name in SETTING_RANGES:
+        problem = setting_problem(name, getattr(args, name, None))
+        if problem:
+            raise UserError(f"--{name.replace('_', '-')} {problem}")
+
+
+class LineProgress:
+    """The progress of long passes as plain lines on stderr, where a bar would not show (not a terminal):
+    a line when a pass starts, then one at most every `every_s` seconds, and one when it is done.
+    It takes the calls of `rich.progress.Progress` that the passes make (`add_task`, `advance`)."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s = every_s
+        self.tasks: list[dict] = []
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: int | None = None, **_) -> int:
+        """Start a pass of `total` items; returns its handle."""
+        import time
+
+        now = time.perf_counter()
+        self.tasks.append({"description": description, "total": total or 0, "done": 0, "started": now,
+                           "shown": now})
+        self._line(self.tasks[-1], "started")
+        return len(self.tasks) - 1
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        """`advance` more items of pass `task` are done."""
+        import time
+
+        state, now = self.tasks[task], time.perf_counter()
+        state["done"] += advance
+        finished = state["total"] and state["done"] >= state["total"]
+        if finished or now - state["shown"] >= self.every_s:
+            state["shown"] = now
+            self._line(state, f"{now - state['started']:.0f} s" + (", done" if finished else ""))
+
+    def _line(self, state: dict, note: str) -> None:
+        import sys
+
+        print(f"{state['description']}: {state['done']:.0f}/{state['total']} ({note})", file=sys.stderr, flush=True)
+
+
+def progress_display():
+    """A progress bar on stderr when it is a terminal (`rich.progress.Progress`), else `LineProgress`."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return LineProgress()
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)

@@ -6,7 +6,6 @@ import argparse
 import sys
 
 from instructune.commands.arguments import add_model_arguments, add_sampling_arguments, add_template_argument
-from instructune.errors import UserError
 
 HELP = "talk to a model in the terminal"
 
@@ -29,8 +28,6 @@ def run(args: argparse.Namespace) -> int:
     from instructune.use.loading import load_for_inference
 
     check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-    if args.seed is not None and args.seed < 0:
-        raise UserError(f"--seed must be 0 or more, got {args.seed}")
     loaded = load_for_inference(args.model, template=args.template, device=args.device,
                                 trust_remote_code=args.trust_remote_code)
     session = ChatSession(loaded, system=args.system, temperature=args.temperature, top_p=args.top_p,

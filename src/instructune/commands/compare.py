@@ -6,7 +6,6 @@ import argparse
 import time
 
 from instructune.commands.arguments import add_config_arguments, config_keys_text, split_config_arguments
-from instructune.errors import UserError
 from instructune.train.openmp import bound_openmp_spinning
 
 HELP = "train masked and unmasked runs side by side and write a report"
@@ -37,10 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from instructune.study.compare import CompareOptions, compare_config, run_study
     from instructune.study.report import require_matplotlib, write_report
 
-    heldout, max_new_tokens, examples = args.heldout, args.max_new_tokens, args.examples
-
-    if max_new_tokens < 1 or examples < 0:
-        raise UserError("--max-new-tokens must be at least 1 and --examples at least 0")
+    heldout, max_new_tokens, examples = args.heldout, args.max_new_tokens, args.examples  # checked by cli.main
     console = Console(highlight=False, soft_wrap=True)
     config_path, overrides = split_config_arguments(args.arguments)
     config = compare_config(config_path, overrides)

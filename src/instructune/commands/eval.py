@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from instructune.commands.arguments import add_encoding_arguments, add_model_arguments, encoding_options
+from instructune.commands.arguments import (
+    add_encoding_arguments,
+    add_model_arguments,
+    encoding_options,
+    progress_display,
+)
+from instructune.errors import UserError
 
 HELP = "response loss, perplexity, token accuracy and generation metrics on a dataset"
 
@@ -15,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", nargs="?", help="a dataset file, folder or Hub name (default: the built-in held-out set)")
     add_model_arguments(p)
     add_encoding_arguments(p)
-    p.add_argument("--limit", type=int, default=None, help="generate for the first N rows only (default: all)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate the first N rows only, in both passes: loss and generation (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-generate", action="store_true", help="only the loss metrics")
@@ -25,13 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate `--model` on `args.data` (default: the built-in held-out set); print and write the results."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from instructune.use.evaluate import default_eval_data, evaluate_dataset, totals_table, write_results
     from instructune.use.loading import load_for_inference
     from instructune.use.text_metrics import rouge_available
 
     options = encoding_options(args)
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
     data = args.data or default_eval_data()
     console = Console(highlight=False)
     if not args.data:
@@ -41,9 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_generate and not rouge_available():
         console.print("note: ROUGE-L needs the `rapidfuzz` package (pip install 'instructune[eval]'); "
                       "it is left out", markup=False, soft_wrap=True)
-    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), transient=True)
-    with bars:
+    with progress_display() as bars:
         results, totals = evaluate_dataset(
             loaded, data, options, limit=args.limit, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, generate=not args.no_generate, progress=bars)

@@ -19,7 +19,12 @@ import json
 import sys
 from pathlib import Path
 
-from instructune.commands.arguments import add_model_arguments, add_sampling_arguments, add_template_argument
+from instructune.commands.arguments import (
+    add_model_arguments,
+    add_sampling_arguments,
+    add_template_argument,
+    progress_display,
+)
 from instructune.errors import UserError
 
 HELP = "answer prompts from a file or stdin, as JSONL"
@@ -39,9 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Answer every prompt of `args.input` (a file, or `-` for stdin) and write JSONL to `--output` or stdout."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from instructune.data.conversation import ConversationError
     from instructune.show.jsonl import atomic_writer
     from instructune.use.generation import answer_conversations, check_sampling
@@ -49,8 +51,6 @@ def run(args: argparse.Namespace) -> int:
     from instructune.use.prompts import read_prompts, record_conversation
 
     check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     source = "stdin" if args.input == "-" else args.input
     if args.input == "-":
         lines = sys.stdin.read().splitlines()
@@ -71,9 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     loaded = load_for_inference(args.model, template=args.template, device=args.device,
                                 trust_remote_code=args.trust_remote_code)
-    bars = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), transient=True)
-    with bars:
+    with progress_display() as bars:
         task = bars.add_task("generating", total=len(conversations))
         responses = answer_conversations(loaded, conversations, max_new_tokens=args.max_new_tokens,
                                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,

@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     """Prepare `args.data`, print the first `--limit` rows and the summary, write `--html`/`--jsonl`."""
     from rich.console import Console
 
-    from instructune.data.prepare import prepare_dataset
+    from instructune.data.prepare import nothing_kept, prepare_dataset
+    from instructune.data.templates import check_template_choice
     from instructune.model.load import load_tokenizer
     from instructune.show.html import write_html
     from instructune.show.jsonl import write_jsonl
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise UserError(f"--limit must be 0 or more, got {args.limit}")
     options = encoding_options(args)
+    check_template_choice(options.template)  # a broken template file: one line, before anything is loaded
     tokenizer = load_tokenizer(args.tokenizer, trust_remote_code=getattr(args, "trust_remote_code", False))
     prepared = prepare_dataset(args.data, tokenizer, options, num_proc=args.num_proc,
                                cache_dir=False if args.no_cache else None)
@@ -49,6 +51,12 @@ def run(args: argparse.Namespace) -> int:
     console.print(render_summary(prepared.report))
     if args.jsonl or args.html:
         console.print()
+    if not prepared.rows:  # the summary above says why; an empty --jsonl would only hide it
+        if args.html:
+            write_html(args.html, views, prepared.report, subtitle=f"{args.data} · tokenizer {args.tokenizer}")
+            console.print(f"wrote the summary to {args.html}", markup=False, soft_wrap=True)
+        raise UserError(f"{args.data}: {nothing_kept(prepared.report)} (see the summary above)"
+                        + (f"; {args.jsonl} not written" if args.jsonl else ""))
     if args.jsonl:
         count = write_jsonl(args.jsonl, prepared.rows)
         console.print(f"wrote {count:,} row(s) to {args.jsonl}", markup=False, soft_wrap=True)

@@ -36,6 +36,9 @@ class Conversation:
     messages: list[Message] = field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
     text: str | None = None
+    # Not compared: two rows with the same turns are the same conversation; the cache key still hashes them.
+    variables: dict[str, Any] = field(default_factory=dict, compare=False)
+    """Extra template variables from the row's other top-level keys (FireFunction's `functions`, ...)."""
 
     @property
     def is_text(self) -> bool:

@@ -2,56 +2,56 @@
 
 The conversation is rendered once with the chat template and tokenized once, so the ids are exactly
 what the model sees at inference time. The trained character spans come from the template's
-`{% generation %}` blocks when it has them, otherwise from prefix renders: rendering the first k
-messages must give a literal prefix of the full render, so the text between two prefixes is one
-message, and the text after the generation prompt is the assistant's own output. Character spans are
-mapped to tokens through the tokenizer's offsets, and every trained turn is verified by decoding it.
-Anything that cannot be derived and verified drops the row with a named reason (`DropRow`): a row is
-either exactly right or not trained on at all.
+`{% generation %}` blocks when it has them, otherwise from a second render of the same conversation
+with placeholders (`instructune.data.spans`): each trained assistant turn runs from the end of the
+generation prompt (what the model writes at inference: think tags, reasoning, content, tool calls)
+through its closing token. Character spans are mapped to tokens through the tokenizer's offsets, and
+every trained turn is verified by decoding it. Anything that cannot be derived and verified drops the
+row with a named reason (`DropRow`): a row is either exactly right or not trained on at all.
+
+A template that rewrites earlier turns (strips their reasoning) cannot give one exact row: with
+`history: auto` (the default) `encode_all` then makes one row per trained turn, the conversation up
+to that turn as the template renders it at inference (rule 8a).
 """
 
 from __future__ import annotations
 
 import bisect
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from instructune import IGNORE_INDEX
-from instructune.data.conversation import Conversation
+from instructune.data.conversation import Conversation, Message
 from instructune.data.encoded import ROLE_CODE, EncodedRow
 from instructune.data.options import DEFAULT_ENCODING, EncodingOptions
+from instructune.data.spans import REASONING_KEYS, Alignment, placeholder_messages
 from instructune.data.templates import END_OF_TURN_MARKERS
 from instructune.data.truncate import cut_end, drop_oldest_turn
+from instructune.data.turns import (  # DropRow is part of this module's interface
+    DropRow,
+    HistoryRewritten,
+    TurnSpan,
+    TurnSpans,
+    message_region,
+    message_starts,
+    token_roles,
+)
+
+__all__ = ["ConversationEncoder", "DropRow", "SYSTEM_HINT"]
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+SYSTEM_HINT = ("the template rejects the system message: set `system_role: merge` (--system-role merge) "
+               "to fold it into the first user turn, or `system_role: drop`")
 
 
-class DropRow(Exception):
-    """The row cannot be encoded exactly; `reason` is the short name it is counted under."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
-@dataclass
-class _Span:
-    """Characters [start, end) of the rendered text that are trained, for message `index`."""
-
-    index: int
-    start: int
-    end: int
-    content: str
-
-
-class ConversationEncoder:
+class ConversationEncoder(TurnSpans):
     """Turns conversations into `EncodedRow`s for one tokenizer, template text and set of options.
 
-    Of `options`, the encoder reads the masking and length policy (`train_on`, `max_length`,
-    `truncation`); `template_text` is the already resolved template.
+    Of `options`, the encoder reads the masking, length, history, reasoning, end-of-turn and system
+    policies and `template_vars`; `template_text` is the already resolved template. `warnings` counts
+    rows kept with a caveat; `notes` holds one-line explanations for the summary.
     """
 
     def __init__(self, tokenizer, template_text: str, options: EncodingOptions = DEFAULT_ENCODING):
@@ -60,6 +60,7 @@ class ConversationEncoder:
         self.options = options
         self.has_generation_tags = bool(_GENERATION_TAG.search(template_text))
         self.template_kwargs = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        self.template_vars = _allowed_variables(options.template_variables())
         self.prefix_special_ids = _prefix_special_ids(tokenizer)
         vocab = tokenizer.get_vocab()
         markers = {m for m in END_OF_TURN_MARKERS if m in vocab or m in template_text}
@@ -68,18 +69,33 @@ class ConversationEncoder:
         # Longest first, so that a marker that contains another one wins at the same position.
         self.closing_markers = sorted(markers, key=len, reverse=True)
         self._closing_re = re.compile("|".join(re.escape(m) for m in self.closing_markers))
+        # Whether the template reads a reasoning key at all (gpt-oss reads `thinking`, which the renderer
+        # also fills from `reasoning_content`): if not, reasoning in such a key is simply never rendered.
+        self.reads_reasoning = any(key in template_text for key in REASONING_KEYS)
         self.warnings: dict[str, int] = {}
+        self.notes: dict[str, str] = {}
+        missing = [m for m in self.closing_markers if m in template_text and m not in vocab]
+        self.marker_note = (
+            f"closing markers not in the vocabulary ({', '.join(missing)}): a marker's last token may merge "
+            "with the next text and be trained; add them as special tokens" if missing else "")
+        self.generation_prompt = self._probe_generation_prompt()
 
     # -- rendering and tokenizing ------------------------------------------------------------------
 
     def render(self, conv: Conversation, n: int | None = None, *, add_generation_prompt: bool = False,
-               with_generation_indices: bool = False) -> tuple[str, list[tuple[int, int]]]:
-        """Render the first `n` messages (all by default); also return `{% generation %}` spans if asked."""
-        messages = conv.template_messages()[: n if n is not None else len(conv.messages)]
+               with_generation_indices: bool = False, messages: list[dict] | None = None,
+               ) -> tuple[str, list[tuple[int, int]]]:
+        """Render the first `n` messages (all by default; `messages` replaces the conversation's own);
+        also return `{% generation %}` spans if asked."""
+        if messages is None:
+            messages = conv.template_messages()
+        messages = messages[: n if n is not None else len(messages)]
         rendered, indices = render_jinja_template(
             [messages], tools=conv.tools, chat_template=self.template,
             add_generation_prompt=add_generation_prompt,
-            return_assistant_tokens_mask=with_generation_indices, **self.template_kwargs,
+            return_assistant_tokens_mask=with_generation_indices,
+            # A row's own variables win over the configured ones; the special tokens over both.
+            **{**self.template_vars, **_allowed_variables(conv.variables), **self.template_kwargs},
         )
         return rendered[0], (indices[0] if indices else [])
 
@@ -93,19 +109,59 @@ class ConversationEncoder:
             offsets = [(0, 0)] * len(prefix) + offsets
         return ids, offsets
 
-    # -- the public entry point --------------------------------------------------------------------
+    def _probe_generation_prompt(self) -> str:
+        """The text the generation prompt adds after a user turn (`<|im_start|>assistant\\n`), or ""."""
+        probe = Conversation([Message("user", "Hello")])
+        try:
+            with_prompt = self.render(probe, add_generation_prompt=True)[0]
+            without = self.render(probe)[0]
+        except Exception:  # a template that needs more than one user turn: positions fall back to content
+            return ""
+        return with_prompt[len(without):] if with_prompt.startswith(without) else ""
+
+    # -- the public entry points -------------------------------------------------------------------
 
     def encode(self, conv: Conversation, row: int = 0) -> EncodedRow:
-        """Encode one conversation (with truncation); raise `DropRow` when it cannot be exactly right."""
+        """Encode one conversation as one row (with truncation); raise `DropRow` when it cannot be
+        exactly right, including when the template rewrites history (see `encode_all`)."""
+        conv = self._apply_system_policy(conv)
         encoded = self._encode_text(conv, row) if conv.is_text else self._encode_messages(conv, row)
+        return self._finish(conv, encoded, row)
+
+    def encode_all(self, conv: Conversation, row: int = 0) -> list[EncodedRow]:
+        """Encode one conversation as the rows the `history` policy asks for: one row, or one row per
+        trained assistant turn when the template rewrites earlier turns (rule 8a). Raise `DropRow`."""
+        conv = self._apply_system_policy(conv)
+        if conv.is_text:
+            return [self._finish(conv, self._encode_text(conv, row), row)]
+        turns = [k for k in self._trainable(conv) if conv.messages[k].role == "assistant"]
+        if self.options.history == "expand" and len(turns) > 1 and self.options.train_on != "all":
+            return self._expand(conv, row, turns)
+        try:
+            return [self._finish(conv, self._encode_messages(conv, row), row)]
+        except HistoryRewritten as rewritten:
+            if self.options.history == "drop":
+                raise DropRow("history_rewritten", rewritten.detail) from None
+            return self._expand(conv, row, turns)
+
+    def _expand(self, conv: Conversation, row: int, turns: list[int]) -> list[EncodedRow]:
+        """One row per trained turn k: messages up to k, as at inference, training turn k only."""
+        rows = []
+        for k in turns:
+            shorter = replace(conv, messages=conv.messages[: k + 1])
+            encoded = self._encode_messages(shorter, row, only_last=True)
+            rows.append(replace(self._finish(shorter, encoded, row, only_last=True), turn=k))
+        return rows
+
+    def _finish(self, conv: Conversation, encoded: EncodedRow, row: int, only_last: bool = False) -> EncodedRow:
         if self.options.max_length is not None and len(encoded.input_ids) > self.options.max_length:
-            encoded = self._truncate(conv, encoded, row)
+            encoded = self._truncate(conv, encoded, row, only_last)
         if not any(label != IGNORE_INDEX for label in encoded.labels[1:]):
             # Position 0 is never a target (nothing precedes it), so it does not count.
             raise DropRow("no_trained_tokens", "no token of this row would be scored")
         return encoded
 
-    def _truncate(self, conv: Conversation, encoded: EncodedRow, row: int) -> EncodedRow:
+    def _truncate(self, conv: Conversation, encoded: EncodedRow, row: int, only_last: bool) -> EncodedRow:
         """Fit a row longer than `max_length` by the truncation policy (see `instructune.data.truncate`)."""
         max_length = self.options.max_length
         if self.options.truncation == "drop":
@@ -114,7 +170,7 @@ class ConversationEncoder:
             current = conv
             while (shorter := drop_oldest_turn(current)) is not None:
                 try:
-                    candidate = self._encode_messages(shorter, row)
+                    candidate = self._encode_messages(shorter, row, only_last)
                 except DropRow:
                     break
                 if not any(label != IGNORE_INDEX for label in candidate.labels[1:]):
@@ -123,6 +179,19 @@ class ConversationEncoder:
                 if len(encoded.input_ids) <= max_length:
                     return encoded
         return cut_end(encoded, max_length)
+
+    def _apply_system_policy(self, conv: Conversation) -> Conversation:
+        """`system_role: merge` folds the system prompt into the first user turn; `drop` leaves it out."""
+        if self.options.system_role == "keep" or conv.is_text or not any(m.role == "system" for m in conv.messages):
+            return conv
+        system = "\n\n".join(m.content for m in conv.messages if m.role == "system")
+        rest = [m for m in conv.messages if m.role != "system"]
+        if self.options.system_role == "merge":
+            first_user = next((i for i, m in enumerate(rest) if m.role == "user"), None)
+            if first_user is not None:
+                user = rest[first_user]
+                rest[first_user] = replace(user, content=system + "\n\n" + user.content if user.content else system)
+        return replace(conv, messages=rest)
 
     # -- plain text rows -----------------------------------------------------------------------------
 
@@ -139,32 +208,73 @@ class ConversationEncoder:
 
     # -- conversations -------------------------------------------------------------------------------
 
-    def _encode_messages(self, conv: Conversation, row: int) -> EncodedRow:
+    def _render_full(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
         try:
-            full, generation_spans = self.render(conv, with_generation_indices=self.has_generation_tags)
+            return self.render(conv, with_generation_indices=self.has_generation_tags)
         except Exception as error:  # a template may raise anything (TemplateError, its own exceptions)
-            raise DropRow("template_error", _one_line(error)) from None
+            detail = _one_line(error)
+            if any(m.role == "system" for m in conv.messages):
+                try:  # does the template render the same conversation without its system prompt?
+                    self.render(replace(conv, messages=[m for m in conv.messages if m.role != "system"]))
+                except Exception:
+                    pass
+                else:
+                    self.notes["system_not_supported"] = SYSTEM_HINT
+                    detail = f"{SYSTEM_HINT} ({detail})"
+            raise DropRow("template_error", detail) from None
+
+    def _encode_messages(self, conv: Conversation, row: int, only_last: bool = False) -> EncodedRow:
+        full, generation_spans = self._render_full(conv)
         ids, offsets = self.tokenize(full)
-        boundaries = self._message_boundaries(conv, full)
-        roles = _token_roles(conv, offsets, boundaries, len(self.prefix_special_ids))
+        alignment, placeholders = self._align(conv, full)
+        n_prefix = len(self.prefix_special_ids)
         labels = [IGNORE_INDEX] * len(ids)
+        starts, ends = (list(column) for column in zip(*offsets)) if offsets else ([], [])
 
         if self.options.train_on == "all":
-            for i in range(max(len(self.prefix_special_ids), 1), len(ids)):  # position 0 is never a target
+            starts_by_message = message_starts(conv, alignment, self._closing_re, [])
+            roles = token_roles(conv, starts, ends, starts_by_message, n_prefix)
+            for i in range(max(n_prefix, 1), len(ids)):  # position 0 is never a target
                 labels[i] = ids[i]
             for k, message in enumerate(conv.messages):
                 if message.train is False:
-                    start, end = _region(boundaries, k, "train: false")
-                    for t in _tokens_overlapping(offsets, start, end):
+                    start, end = message_region(starts_by_message, k, len(full))
+                    for t in _tokens_overlapping(starts, ends, start, end):
                         labels[t] = IGNORE_INDEX
             return EncodedRow(row=row, input_ids=ids, labels=labels, roles=roles)
 
-        for span in self._trained_spans(conv, full, boundaries, generation_spans):
-            tokens = _tokens_overlapping(offsets, span.start, span.end)
-            self._verify(span, [ids[t] for t in tokens])
+        trainable = [len(conv.messages) - 1] if only_last else self._trainable(conv)
+        if generation_spans or self.has_generation_tags:
+            spans = self._generation_spans(conv, full, generation_spans, trainable)
+        else:
+            spans = [self._turn_span(conv, full, alignment, placeholders, k) for k in trainable]
+        ordered = sorted(spans, key=lambda span: span.start)
+        for a, b in zip(ordered, ordered[1:]):
+            if b.start < a.end:  # two turns cannot share characters: one of them was placed wrongly
+                raise DropRow("content_not_found", f"messages {a.index} and {b.index} overlap in the render")
+        spans = self._apply_eos_policy(full, alignment, spans)
+        for span in spans:
+            tokens = _tokens_overlapping(starts, ends, span.start, span.end)
+            self._verify(span, full, [ids[t] for t in tokens], offsets[tokens[-1]][1] if tokens else 0)
             for t in tokens:
                 labels[t] = ids[t]
+        roles = token_roles(conv, starts, ends, message_starts(conv, alignment, self._closing_re, spans), n_prefix)
         return EncodedRow(row=row, input_ids=ids, labels=labels, roles=roles)
+
+    def _align(self, conv: Conversation, full: str) -> tuple[Alignment, list[dict]]:
+        """Locate every message's fields in `full` (see `instructune.data.spans`)."""
+        messages = conv.template_messages()
+        alignment = placeholders = None
+        for empty in (True, False):
+            placeholders, fields = placeholder_messages(conv, messages, empty=empty)
+            try:
+                rendered = self.render(conv, messages=placeholders)[0]
+            except Exception:
+                rendered = ""  # nothing found: every trained turn drops as content_not_found
+            alignment = Alignment(full, rendered, fields)
+            if alignment.exact or not any(f.kind == "content" and not f.value for f in fields):
+                break  # a template that branches on empty content renders differently: retry without them
+        return alignment, placeholders
 
     def _trainable(self, conv: Conversation) -> list[int]:
         """Indices of the messages whose content is trained under the policy and per-message flags."""
@@ -177,130 +287,50 @@ class ConversationEncoder:
                 chosen.discard(k)
         return sorted(chosen)
 
-    def _message_boundaries(self, conv: Conversation, full: str) -> list[int | None]:
-        """Character offset where each message's render starts (None where a prefix render disagrees).
-
-        `boundaries[k]` is len(render(messages[:k])) when that render is a literal prefix of the full
-        one; `boundaries[n]` is len(full).
-        """
-        n = len(conv.messages)
-        boundaries: list[int | None] = [None] * (n + 1)
-        boundaries[n] = len(full)
-        for k in range(n):
-            try:
-                prefix = self.render(conv, k)[0] if k else self._render_empty(conv)
-            except Exception:
-                continue
-            if full.startswith(prefix):
-                boundaries[k] = len(prefix)
-        if boundaries[0] is None:
-            boundaries[0] = 0  # templates that cannot render no messages start the first one at 0
-        return boundaries
-
-    def _render_empty(self, conv: Conversation) -> str:
-        try:
-            return self.render(conv, 0)[0]
-        except Exception:
-            return ""
-
-    def _trained_spans(self, conv: Conversation, full: str, boundaries: list[int | None],
-                       generation_spans: list[tuple[int, int]]) -> list[_Span]:
-        spans = []
-        assistant_indices = [k for k, m in enumerate(conv.messages) if m.role == "assistant"]
-        by_message = {}
-        if self.has_generation_tags:
-            if len(generation_spans) != len(assistant_indices):
-                raise DropRow("generation_spans_mismatch",
-                              f"{len(generation_spans)} generation blocks for {len(assistant_indices)} assistant turns")
-            by_message = dict(zip(assistant_indices, generation_spans))
-        for k in self._trainable(conv):
-            message = conv.messages[k]
-            if k in by_message:
-                start, end = by_message[k]
-                end = self._extend_to_closing(full, start, end)
-            else:
-                start, end = _region(boundaries, k, "the template rewrites earlier turns")
-                if message.role == "assistant":
-                    start = self._after_generation_prompt(conv, k, full, start, end)
-            spans.append(self._locate(message, full, start, end, k))
-        return spans
-
-    def _after_generation_prompt(self, conv: Conversation, k: int, full: str, start: int, end: int) -> int:
-        """Where the assistant's own output begins: after the generation prompt, when it is a prefix."""
-        try:
-            prompt = self.render(conv, k, add_generation_prompt=True)[0]
-        except Exception:
-            return start
-        if full.startswith(prompt) and start <= len(prompt) <= end:
-            return len(prompt)
-        return start
-
-    def _extend_to_closing(self, full: str, start: int, end: int) -> int:
-        """A `{% generation %}` block that stops before the closing token: take the token right after."""
-        if self._closing_re.search(full, start, end):
-            return end
-        match = self._closing_re.search(full, end)
-        if match and not full[end:match.start()].strip():
-            return match.end()
-        return end
-
-    def _locate(self, message, full: str, start: int, end: int, k: int) -> _Span:
-        """The trained characters of message k inside [start, end): its content through the closing token."""
-        content = message.content
-        stripped = content.strip()
-        if content and full.startswith(content, start):
-            a, content_end = start, start + len(content)
-        elif stripped:
-            a = full.find(stripped, start, end)
-            if a < 0:
-                raise DropRow("content_not_found", f"message {k}'s content is not in its rendered turn")
-            content_end = a + len(stripped)
-        else:  # empty content (a tool-call turn): the turn's own output starts after leading whitespace
-            region = full[start:end]
-            a = content_end = start + len(region) - len(region.lstrip())
-        closing = self._closing_re.search(full, content_end, end)
-        if closing:
-            b = closing.end()
-        else:
-            b = content_end + len(full[content_end:end].rstrip())
-            self.warnings["no_closing_token"] = self.warnings.get("no_closing_token", 0) + 1
-        return _Span(index=k, start=a, end=b, content=stripped)
-
-    def _verify(self, span: _Span, token_ids: list[int]) -> None:
-        """The decoded trained tokens must contain the message's content (whitespace aside)."""
+    def _verify(self, span: TurnSpan, full: str, token_ids: list[int], last_token_end: int) -> None:
+        """The decoded trained tokens must hold the turn's texts (whitespace aside) and its closing token."""
         if not token_ids:
+            if not any(t.strip() for t in span.texts):
+                return  # an empty turn trained without its closing token (train_on_eos: none)
             raise DropRow("empty_span", f"message {span.index} maps to no tokens")
-        decoded = self.tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        if "".join(span.content.split()) not in "".join(decoded.split()):
-            raise DropRow("decode_mismatch", f"the trained tokens of message {span.index} do not decode to its content")
+        decoded = "".join(self._decode(token_ids).split())
+        at = 0
+        for text in (*span.texts, full[span.marker_start:span.end]):  # each in order: reasoning, content, marker
+            expected = "".join(text.split())
+            found = decoded.find(expected, at)
+            if found < 0:
+                raise DropRow("decode_mismatch",
+                              f"the trained tokens of message {span.index} do not decode to its text")
+            at = found + len(expected)
+        if last_token_end > span.end:  # the closing token merged with the text after it (rule 7)
+            self._warn("closing_token_merged")
+
+    def _decode(self, token_ids: list[int]) -> str:
+        """The text of `token_ids`, specials kept, no clean-up: the fast tokenizer's own decoder when
+        there is one (what `tokenizer.decode` calls, without its per-call overhead)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return backend.decode(token_ids, skip_special_tokens=False)
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _warn(self, kind: str) -> None:
+        self.warnings[kind] = self.warnings.get(kind, 0) + 1
 
 
-def _region(boundaries: list[int | None], k: int, why: str) -> tuple[int, int]:
-    start, end = boundaries[k], boundaries[k + 1]
-    if start is None or end is None or end < start:
-        raise DropRow("prefix_mismatch", f"cannot isolate message {k}: {why}")
-    return start, end
+# render_jinja_template's own parameters: a variable of that name would clash with them.
+_RENDER_PARAMETERS = frozenset({"conversations", "tools", "chat_template", "return_assistant_tokens_mask",
+                                "continue_final_message", "add_generation_prompt"})
 
 
-def _tokens_overlapping(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
+def _allowed_variables(variables: dict) -> dict:
+    return {k: v for k, v in variables.items() if k not in _RENDER_PARAMETERS} if variables else {}
+
+
+def _tokens_overlapping(starts: list[int], ends: list[int], start: int, end: int) -> list[int]:
     """Token indices overlapping [start, end) (docs/masking.md, rule 5: a straddling token counts)."""
-    return [t for t, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
-
-
-def _token_roles(conv: Conversation, offsets: list[tuple[int, int]], boundaries: list[int | None],
-                 n_prefix: int) -> list[int]:
-    """The role of the message each token was rendered from; template text outside messages is `other`."""
-    known = [(b, k) for k, b in enumerate(boundaries[:-1]) if b is not None]
-    starts = [b for b, _ in known]
-    codes = [ROLE_CODE[m.role] for m in conv.messages]
-    roles = []
-    for t, (s, e) in enumerate(offsets):
-        if t < n_prefix or e <= s:
-            roles.append(ROLE_CODE["other"])
-            continue
-        i = bisect.bisect_right(starts, s) - 1
-        roles.append(codes[known[i][1]] if i >= 0 else ROLE_CODE["other"])
-    return roles
+    first = bisect.bisect_right(ends, start)
+    last = bisect.bisect_left(starts, end, lo=first)
+    return [t for t in range(first, last) if ends[t] > starts[t]]
 
 
 def _prefix_special_ids(tokenizer) -> list[int]:

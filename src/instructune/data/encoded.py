@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
+from itertools import compress
 
 ROLE_NAMES = ("other", "system", "user", "assistant", "tool", "text")
 """Per-token role codes: index into this tuple. `other` is template text outside any message (BOS, separators)."""
@@ -20,6 +22,8 @@ class EncodedRow:
     roles: list[int]
     """Per-token role code (see `ROLE_NAMES`): which message each token was rendered from."""
     truncated: bool = False
+    turn: int | None = None
+    """For a row of an expanded conversation (docs/masking.md, rule 8a): the message it trains; else None."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -37,7 +41,7 @@ class PreparationReport:
     rows_read: int = 0
     rows_kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
-    """Rows not kept, by reason (`bad_row`, `no_trained_tokens`, `too_long`, `prefix_mismatch`, ...)."""
+    """Rows not kept, by reason (`bad_row`, `no_trained_tokens`, `too_long`, `content_not_found`, ...)."""
     drops: list[tuple[int, str]] = field(default_factory=list)
     """Each row not kept as (row index, reason), in row order: `dropped` row by row."""
     truncated: int = 0
@@ -51,6 +55,15 @@ class PreparationReport:
     """Rows kept with a caveat, by kind (e.g. `no_closing_token`: the template closes turns with nothing)."""
     bad_row_messages: list[str] = field(default_factory=list)
     """The first few error messages of skipped bad rows, for the user to see."""
+    expanded: int = 0
+    """Conversations made into one row per trained turn, as their template rewrites history (rule 8a)."""
+    expanded_rows: int = 0
+    """The rows those conversations became (counted in `rows_kept` too)."""
+    expanded_tokens: int = 0
+    """Tokens of those rows, and of them trained: `expanded_tokens / expanded_trained` is the cost."""
+    expanded_trained: int = 0
+    notes: dict[str, str] = field(default_factory=dict)
+    """One-line explanations with their fix, by kind (`system_not_supported`, `markers_not_in_vocabulary`)."""
 
     @property
     def trained_fraction(self) -> float:
@@ -66,26 +79,37 @@ class PreparationReport:
         self.count_drop(reason)
         self.drops.append((row, reason))
 
+    def add_expanded(self, rows: list[EncodedRow]) -> None:
+        """Account for the rows of one expanded conversation (after `add_row` of each)."""
+        self.expanded += 1
+        self.expanded_rows += len(rows)
+        self.expanded_tokens += sum(len(r.input_ids) for r in rows)
+        self.expanded_trained += sum(r.num_trained for r in rows)
+
     def add_row(self, row: EncodedRow) -> None:
         """Account for one kept row."""
         self.rows_kept += 1
         self.truncated += int(row.truncated)
         self.tokens_total += len(row.input_ids)
         self.lengths.append(len(row.input_ids))
-        for role, label in zip(row.roles, row.labels):
+        # Counted per role code with Counter (C speed), then named: this runs once per row of a dataset.
+        trained = Counter(compress(row.roles, [label != -100 for label in row.labels]))
+        for role, n in Counter(row.roles).items():
             name = ROLE_NAMES[role]
-            self.tokens_per_role[name] = self.tokens_per_role.get(name, 0) + 1
-            if label != -100:
-                self.tokens_trained += 1
-                self.trained_per_role[name] = self.trained_per_role.get(name, 0) + 1
+            self.tokens_per_role[name] = self.tokens_per_role.get(name, 0) + n
+            if trained[role]:
+                self.tokens_trained += trained[role]
+                self.trained_per_role[name] = self.trained_per_role.get(name, 0) + trained[role]
 
     def merge(self, other: PreparationReport) -> None:
         """Add the counts of `other` (a report of another part of the same dataset) to this one."""
-        for name in ("rows_kept", "truncated", "tokens_total", "tokens_trained"):
+        for name in ("rows_kept", "truncated", "tokens_total", "tokens_trained", "expanded", "expanded_rows",
+                     "expanded_tokens", "expanded_trained"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in ("dropped", "tokens_per_role", "trained_per_role", "warnings"):
             mine = getattr(self, name)
             for key, n in getattr(other, name).items():
                 mine[key] = mine.get(key, 0) + n
+        self.notes.update(other.notes)
         self.lengths.extend(other.lengths)
         self.drops.extend(other.drops)

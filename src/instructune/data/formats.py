@@ -8,7 +8,8 @@ Each converter checks the record's own fields and raises `ConversationError` who
 the offending part in the record's own terms (`conversations[2].from`, not `messages[3].role`), so
 the reader can point the user at the exact spot in their file.
 
-Extra keys in a record are ignored; extra keys in a message are kept in `Message.extra`.
+Extra top-level keys of `messages` and `sharegpt` records become template variables
+(`Conversation.variables`); extra keys in a message are kept in `Message.extra`.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def messages_to_conversation(record: dict) -> Conversation:
     """An OpenAI-style record: `messages` of {role, content, ...} and optional `tools`."""
     turns = _turn_list(record, "messages")
     messages = [_parse_message(m, f"messages[{i}]", roles=None) for i, m in enumerate(turns)]
-    return Conversation(messages=messages, tools=_tools(record))
+    return Conversation(messages=messages, tools=_tools(record), variables=_variables(record, "messages"))
 
 
 def sharegpt_to_conversation(record: dict) -> Conversation:
@@ -167,7 +168,15 @@ def sharegpt_to_conversation(record: dict) -> Conversation:
         raise ConversationError(
             "the record has a top-level system prompt and also starts with a system turn; keep one", "system"
         )
-    return Conversation(messages=system + messages, tools=_tools(record))
+    return Conversation(messages=system + messages, tools=_tools(record),
+                        variables=_variables(record, "conversations", "system"))
+
+
+def _variables(record: dict, *consumed: str) -> dict[str, Any]:
+    """The record's other top-level keys, passed to the template as variables (FireFunction's
+    `functions`); keys the template engine sets itself are left out, so a row cannot override them."""
+    reserved = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", *consumed}
+    return {k: v for k, v in record.items() if isinstance(k, str) and k.isidentifier() and k not in reserved}
 
 
 def text_to_conversation(record: dict) -> Conversation:

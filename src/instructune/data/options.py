@@ -8,6 +8,8 @@ values of each setting are defined here and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +22,19 @@ TRUNCATION = ("keep_response", "keep_start", "drop")
 """What happens to a row longer than `max_length` (see `instructune.data.truncate`)."""
 ON_BAD_ROW = ("error", "skip")
 """Whether a malformed row stops the run or is skipped and counted."""
+HISTORY = ("auto", "expand", "drop")
+"""Templates that rewrite earlier turns: one row per turn when needed (auto), always (expand), or drop the row."""
+REASONING = ("train", "mask")
+"""Whether the reasoning of a trained turn (`reasoning_content`, inline <think>) is trained or only context."""
+TRAIN_ON_EOS = ("turn", "last", "all", "none")
+"""Which closing tokens are trained: each trained turn's, the last trained turn's, every turn's, or none."""
+SYSTEM = ("keep", "merge", "drop")
+"""The system prompt: rendered as given, folded into the first user turn, or left out."""
 MIN_MAX_LENGTH = 2
 """The shortest useful row: one token to predict from, one to predict."""
 
-_CHOICES = {"train_on": TRAIN_ON, "truncation": TRUNCATION, "on_bad_row": ON_BAD_ROW}
+_CHOICES = {"train_on": TRAIN_ON, "truncation": TRUNCATION, "on_bad_row": ON_BAD_ROW, "history": HISTORY,
+            "reasoning": REASONING, "train_on_eos": TRAIN_ON_EOS, "system_role": SYSTEM}
 
 # Settings that act only through what prepare hashes anyway, so they stay out of `row_settings`:
 # `template` is a name or path whose *text* is what renders (prepare hashes the resolved text, which
@@ -57,8 +68,19 @@ class EncodingOptions:
     """keep_response (drop oldest turns, then cut the end), keep_start (cut the end) or drop (the row)."""
     on_bad_row: str = "error"
     """A malformed row stops the run (error) or is skipped and counted (skip)."""
+    history: str = "auto"
+    """Templates that rewrite earlier turns: auto (one row per turn when needed), expand (always), drop."""
+    reasoning: str = "train"
+    """Reasoning of a trained turn (reasoning_content or inline <think>): train it, or mask (context only)."""
+    train_on_eos: str = "turn"
+    """Closing tokens trained: turn (each trained turn's), last (the final trained turn's), all, none."""
+    system_role: str = "keep"
+    """System messages: keep, merge (fold them into the first user turn) or drop."""
+    template_vars: tuple = ()
+    """Extra variables for the template, as a mapping (stored as sorted (name, JSON) pairs)."""
 
     def __post_init__(self):
+        object.__setattr__(self, "template_vars", _frozen_vars(self.template_vars))
         if self.template is not None and not isinstance(self.template, str):
             raise OptionError("template", f"must be a string or null, got {self.template!r}")
         if self.data_format is not None:
@@ -77,6 +99,10 @@ class EncodingOptions:
                 raise OptionError("max_length",
                                   f"must be at least {MIN_MAX_LENGTH} (or null), got {self.max_length}")
 
+    def template_variables(self) -> dict[str, Any]:
+        """`template_vars` as the mapping the template receives."""
+        return {name: json.loads(value) for name, value in self.template_vars}
+
     def row_settings(self) -> dict[str, Any]:
         """The settings that shape the encoded rows of given conversations and template text (the cache key).
 
@@ -87,5 +113,52 @@ class EncodingOptions:
                 if f.name not in _HASHED_THROUGH_INPUTS}
 
 
+def _frozen_vars(value) -> tuple:
+    """A mapping of template variables as sorted (name, JSON text) pairs, so the options stay hashable."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError as error:
+            raise OptionError("template_vars", f"must be a JSON object, got {value!r}: {error}") from None
+    if isinstance(value, Mapping):
+        try:
+            return tuple(sorted((str(k), json.dumps(v, sort_keys=True)) for k, v in value.items()))
+        except TypeError as error:
+            raise OptionError("template_vars", f"must hold JSON values: {error}") from None
+    if isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value):
+        return tuple(sorted(value))
+    raise OptionError("template_vars", f"must be a mapping of names to values, got {value!r}")
+
+
 DEFAULT_ENCODING = EncodingOptions()
 """The defaults: the tokenizer's own template, a detected format, assistant turns, no length limit."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The ranges of the numeric settings that the command line and a config both take (or several commands
+# share). A command checks its flags with `commands.arguments.check_arguments` and the configuration
+# its keys in `train.config`, both through `setting_problem`, so `--num-proc 0` and `num_proc: 0` are
+# refused by the same rule; only the way the setting is named (`--num-proc`, `run.yaml, line 3:
+# 'num_proc'`) differs.
+
+SETTING_RANGES: dict[str, tuple[Any, str]] = {
+    "num_proc": (lambda v: v >= 1, "at least 1"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "seed": (lambda v: v >= 0, "0 or more"),
+    "max_new_tokens": (lambda v: v >= 1, "at least 1"),
+    "temperature": (lambda v: v >= 0, "0 (greedy) or more"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (lambda v: v >= 0, "0 or more"),
+    "examples": (lambda v: v >= 0, "0 or more"),
+}
+"""Setting name -> (the test a value must pass, the range in words). None (the default) always passes."""
+
+
+def setting_problem(name: str, value: Any) -> str | None:
+    """What is wrong with `value` for setting `name` (`must be at least 1, got 0`), or None."""
+    if value is None or name not in SETTING_RANGES:
+        return None
+    test, words = SETTING_RANGES[name]
+    return None if test(value) else f"must be {words}, got {value}"

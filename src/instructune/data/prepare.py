@@ -7,10 +7,12 @@ the encoded rows instead of encoding them again, and any change to one of those 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import multiprocessing
 import os
+import shlex
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -26,6 +28,7 @@ from instructune.data.encoded import EncodedRow, PreparationReport
 from instructune.data.options import DEFAULT_ENCODING, EncodingOptions
 from instructune.data.readers import read_conversations
 from instructune.data.templates import add_template_tokens, resolve_template
+from instructune.errors import UserError
 
 # Below this many rows, starting worker processes costs more than it saves.
 PARALLEL_MIN_ROWS = 2000
@@ -47,27 +50,28 @@ class PreparedDataset:
 def prepare_dataset(data: str | os.PathLike | list[Conversation], tokenizer,
                     options: EncodingOptions = DEFAULT_ENCODING, *, template_text: str | None = None,
                     num_proc: int | None = None,
-                    cache_dir: str | os.PathLike | None | bool = None) -> PreparedDataset:
+                    cache_dir: str | os.PathLike | None | bool = None, limit: int | None = None) -> PreparedDataset:
     """Read `data`, encode every row with masks, and report; `cache_dir=False` disables the cache.
 
     A built-in template's missing markers are added to `tokenizer` as special tokens (see
     `templates.add_template_tokens`); a caller holding a model resizes its embeddings to match.
     `template_text` is a template the caller has already resolved (a loaded model's): it renders
-    instead of `options.template`, and no tokens are added.
+    instead of `options.template`, and no tokens are added. `limit` takes only the first `limit` rows.
     """
     if template_text is None:
         add_template_tokens(tokenizer, options.template)
         template_text = resolve_template(options.template, tokenizer)
     report = PreparationReport()
     if isinstance(data, (str, os.PathLike)):
-        read = read_conversations(data, data_format=options.data_format, on_bad_row=options.on_bad_row)
+        read = read_conversations(data, data_format=options.data_format, on_bad_row=options.on_bad_row,
+                                  limit=limit)
         conversations = read.conversations
         report.rows_read = read.rows_read
         for index in read.bad_row_indices:
             report.drop_row(index, "bad_row")
         report.bad_row_messages = list(read.bad_row_messages)
     else:
-        conversations = list(enumerate(data))
+        conversations = list(enumerate(data))[:limit]
         report.rows_read = len(conversations)
 
     encoder = ConversationEncoder(tokenizer, template_text, options)
@@ -87,6 +91,36 @@ def prepare_dataset(data: str | os.PathLike | list[Conversation], tokenizer,
     if cache_path is not None:
         _save_cache(cache_path, prepared.rows, report)
     return prepared
+
+
+def nothing_kept(report: PreparationReport) -> str:
+    """`no rows kept: 12 template_error, 3 too_long` (the most frequent reason first)."""
+    if not report.rows_read:
+        return "no rows kept: the data has no rows"
+    reasons = sorted(report.dropped.items(), key=lambda item: (-item[1], item[0]))
+    return "no rows kept: " + (", ".join(f"{n:,} {reason}" for reason, n in reasons) or f"{report.rows_read:,} read")
+
+
+def require_kept_rows(source: str | os.PathLike, report: PreparationReport, hint: str) -> None:
+    """A `UserError` when preparing `source` kept no row: the drop reasons and counts, then `hint`
+    (what shows why, such as the `instructune inspect` command for the same settings)."""
+    if not report.rows_kept:
+        raise UserError(f"{source}: {nothing_kept(report)}; {hint}")
+
+
+def encoding_flags(options: EncodingOptions) -> str:
+    """The command-line flags that give `options` (those that differ from the defaults), such as
+    ` --template chat.jinja --max-length 256`, for a command to suggest."""
+    flags = []
+    for item in dataclasses.fields(options):
+        value = getattr(options, item.name)
+        if value == getattr(DEFAULT_ENCODING, item.name):
+            continue
+        if item.name == "template_vars":  # stored as (name, JSON) pairs; the flag takes a JSON object
+            value = json.dumps(options.template_variables(), ensure_ascii=False)
+        flag = "--format" if item.name == "data_format" else "--" + item.name.replace("_", "-")
+        flags.append(f" {flag} {shlex.quote(str(value))}")
+    return "".join(flags)
 
 
 def encode_conversations(encoder: ConversationEncoder, conversations: list[tuple[int, Conversation]],
@@ -128,15 +162,20 @@ def _encode_in_worker(start: int, end: int):
 
 def _encode_range(encoder: ConversationEncoder, conversations, start: int, end: int):
     rows, report = [], PreparationReport()
-    encoder.warnings = report.warnings
+    encoder.warnings, encoder.notes = report.warnings, report.notes
+    if encoder.marker_note:
+        report.notes["markers_not_in_vocabulary"] = encoder.marker_note
     for index, conv in conversations[start:end]:
         try:
-            row = encoder.encode(conv, index)
+            encoded = encoder.encode_all(conv, index)
         except DropRow as drop:
             report.drop_row(index, drop.reason)
             continue
-        rows.append(row)
-        report.add_row(row)
+        rows.extend(encoded)
+        for row in encoded:
+            report.add_row(row)
+        if encoded[0].turn is not None:
+            report.add_expanded(encoded)
     return rows, report
 
 
@@ -151,8 +190,9 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 def _cache_key(conversations, tokenizer, template_text: str, options: EncodingOptions) -> str:
     digest = hashlib.sha256()
-    # `entry` changes when what an entry holds changes (2: the report names each dropped row).
-    settings = {"version": instructune.__version__, "entry": 2, **options.row_settings()}
+    # `entry` changes when what an entry holds changes (2: the report names each dropped row; 3: the
+    # trained turn of expanded rows).
+    settings = {"version": instructune.__version__, "entry": 3, **options.row_settings()}
     for part in (json.dumps(settings, sort_keys=True), template_text, _tokenizer_fingerprint(tokenizer)):
         digest.update(part.encode())
         digest.update(b"\0")
@@ -172,6 +212,7 @@ def _save_cache(path: Path, rows: list[EncodedRow], report: PreparationReport) -
             lengths=lengths,
             row=np.array([r.row for r in rows], dtype=np.int64),
             truncated=np.array([r.truncated for r in rows], dtype=np.bool_),
+            turn=np.array([-1 if r.turn is None else r.turn for r in rows], dtype=np.int64),
             input_ids=np.array([t for r in rows for t in r.input_ids], dtype=np.int64),
             labels=np.array([t for r in rows for t in r.labels], dtype=np.int64),
             roles=np.array([t for r in rows for t in r.roles], dtype=np.int8),
@@ -205,7 +246,10 @@ def _load_cache(path: Path, report: PreparationReport) -> list[EncodedRow] | Non
     ends = np.cumsum(arrays["lengths"])
     starts = ends - arrays["lengths"]
     input_ids, labels, roles = arrays["input_ids"].tolist(), arrays["labels"].tolist(), arrays["roles"].tolist()
+    turns = arrays["turn"].tolist()
     return [
-        EncodedRow(row=int(r), input_ids=input_ids[s:e], labels=labels[s:e], roles=roles[s:e], truncated=bool(t))
-        for r, s, e, t in zip(arrays["row"].tolist(), starts.tolist(), ends.tolist(), arrays["truncated"].tolist())
+        EncodedRow(row=int(r), input_ids=input_ids[s:e], labels=labels[s:e], roles=roles[s:e], truncated=bool(t),
+                   turn=None if turn < 0 else int(turn))
+        for r, s, e, t, turn in zip(arrays["row"].tolist(), starts.tolist(), ends.tolist(),
+                                    arrays["truncated"].tolist(), turns)
     ]

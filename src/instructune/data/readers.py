@@ -39,7 +39,8 @@ class ReadResult:
 
 
 def read_conversations(
-    source: str | os.PathLike, data_format: str | None = None, on_bad_row: str = "error"
+    source: str | os.PathLike, data_format: str | None = None, on_bad_row: str = "error",
+    limit: int | None = None,
 ) -> ReadResult:
     """Read every row of `source` (file, folder or Hub `name[:split]`) into a validated `Conversation`.
 
@@ -48,6 +49,7 @@ def read_conversations(
     read at all, a first record whose format cannot be detected, and a source with no good row are
     errors in both modes. Errors name JSONL rows by 1-based `line N` and other files' rows by 0-based
     `row N` within the named file (which, for a single file, is also the row index in the result).
+    `limit` reads only the first `limit` rows (bad ones included).
     """
     if on_bad_row not in ON_BAD_ROW:
         raise UserError(f"on_bad_row must be one of {', '.join(ON_BAD_ROW)}, got {on_bad_row!r}")
@@ -56,6 +58,8 @@ def read_conversations(
     convert = FORMATS[fmt].convert if fmt else None
 
     for row_index, raw in enumerate(iter_rows(source)):
+        if limit is not None and row_index >= limit:
+            break
         result.rows_read += 1
         try:
             record = _record_of(raw)

@@ -13,6 +13,7 @@ Set `INSTRUCTUNE_VERBOSE=1` to see transformers' own log messages and progress b
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
@@ -20,6 +21,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -224,10 +226,85 @@ def _load_causal_lm(resolved: ResolvedModel, dtype: torch.dtype, trust_remote_co
 
 
 def _pretrained_source(resolved: ResolvedModel) -> str:
-    """What `from_pretrained` reads for this model: the Hub id, the folder, or a GGUF's converted folder."""
+    """What `from_pretrained` reads for this model: the Hub id, the folder, or a GGUF's converted folder.
+
+    A Hub id while the Hub cannot be reached is its copy in the local Hub cache, or else a `UserError` at
+    once (rather than transformers retrying the network for a minute).
+    """
     if resolved.kind == "gguf":
         return str(convert_gguf(resolved.path))
-    return resolved.spec if resolved.kind == "hub" else str(resolved.path)
+    if resolved.kind != "hub":
+        return str(resolved.path)
+    reason = hub_unreachable_reason()
+    if reason is None:
+        return resolved.spec
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(resolved.spec, local_files_only=True)  # downloaded before: no network needed
+    except Exception:  # not in the cache (LocalEntryNotFoundError), or not a valid repo id
+        raise UserError(f"'{resolved.spec}' is not a local folder or file, and the Hugging Face Hub cannot be "
+                        f"reached to fetch it ({reason}){_alias_hint(resolved.spec)}") from None
+
+
+HUB_CHECK_TIMEOUT_S = 3.0
+"""How long the one check that the Hub answers may take (a connection, not a download)."""
+
+
+def hub_unreachable_reason() -> str | None:
+    """Why the Hugging Face Hub cannot be reached from here (offline mode, no connection), or None.
+
+    Offline mode (`HF_HUB_OFFLINE`) is read every time; the network is tried once per process, with a
+    short timeout (`_probe_hub`).
+    """
+    import huggingface_hub.constants
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in (
+            "1", "ON", "YES", "TRUE"):
+        return "offline mode: HF_HUB_OFFLINE is set"
+    return _probe_hub(huggingface_hub.constants.ENDPOINT)
+
+
+@lru_cache(maxsize=4)
+def _probe_hub(endpoint: str) -> str | None:
+    """Open (and close) one TCP connection to the Hub, or to the HTTPS proxy when one is set."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    target = urlsplit(endpoint)
+    host, port = target.hostname or "huggingface.co", target.port or (443 if target.scheme != "http" else 80)
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if proxy:
+        parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = parts.hostname or host, parts.port or 8080
+    outcome: list[str | None] = []
+
+    def connect() -> None:  # in a thread: a name lookup that hangs is not bound by the socket's timeout
+        try:
+            socket.create_connection((host, port), timeout=HUB_CHECK_TIMEOUT_S).close()
+            outcome.append(None)
+        except OSError as error:
+            outcome.append(f"cannot connect to {host}:{port}: {one_line(error)}")
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(HUB_CHECK_TIMEOUT_S + 1)
+    return outcome[0] if outcome else f"no answer from {host}:{port} within {HUB_CHECK_TIMEOUT_S:.0f} s"
+
+
+KNOWN_ALIASES = (DEFAULT_MODEL,)
+"""Model specs that name a model shipped another way than the Hub (see `resolve_model_path`)."""
+
+
+def _alias_hint(spec: str) -> str:
+    """`; did you mean 'smollm2-135m-instruct' ...?`: a close alias, or what else a model spec can be."""
+    close = difflib.get_close_matches(spec.lower(), KNOWN_ALIASES, n=1, cutoff=0.6)
+    if close:
+        return (f"; did you mean '{close[0]}' (an alias)? Otherwise give a local model folder, a .gguf file or "
+                "a LoRA adapter folder")
+    return (f"; give a local model folder, a .gguf file, a LoRA adapter folder or the alias "
+            f"{' or '.join(KNOWN_ALIASES)}")
 
 
 @contextmanager
@@ -239,5 +316,5 @@ def _user_errors(resolved: ResolvedModel, source: str) -> Iterator[None]:
         reason = one_line(error)
         if resolved.kind == "hub" and isinstance(error, OSError):
             raise UserError(f"'{resolved.spec}' is neither a local folder or file nor reachable on the Hugging "
-                            f"Face Hub: {reason}") from None
+                            f"Face Hub: {reason}{_alias_hint(resolved.spec)}") from None
         raise UserError(f"cannot load '{resolved.spec}' (from {source}): {reason}") from None

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -44,7 +46,8 @@ def apply_lora(model: PreTrainedModel, lora: Mapping[str, Any] | None = None) ->
         raise UserError("the model already carries a LoRA adapter; merge it (merge_lora) before adding another")
     config = peft.LoraConfig(task_type="CAUSAL_LM", bias="none", **_lora_config_kwargs(lora or {}))
     try:
-        return peft.get_peft_model(model, config)
+        with quiet_peft():
+            return peft.get_peft_model(model, config)
     except ValueError as error:
         # peft says so when target_modules matches no layer of this architecture.
         raise UserError(f"LoRA target_modules {config.target_modules!r} do not fit this model: {error}") from None
@@ -92,6 +95,17 @@ def _lora_config_kwargs(lora: Mapping[str, Any]) -> dict[str, Any]:
         raise UserError(f"LoRA target_modules must be 'all-linear' or a list of module names, not {targets!r}")
     # peft's "all-linear" already leaves out the output head (lm_head), which stays frozen.
     return {"r": r, "lora_alpha": alpha, "lora_dropout": float(dropout), "target_modules": targets}
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Hide the FutureWarning transformers 5 raises when peft wraps a model (peft still reads the
+    deprecated `is_gradient_checkpointing`); wrap `get_peft_model` and `PeftModel.from_pretrained` in it.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield
 
 
 def import_peft() -> ModuleType:

@@ -107,8 +107,22 @@ def summary_tables(report: PreparationReport) -> list[SummaryTable]:
             (f"{lo}–{hi}" if lo != hi else f"{lo}", f"{n:,}", _bar(n, largest)) for lo, hi, n in bins
         ], ("tokens", "rows", "")))
 
+    if report.expanded:
+        # Rule 8a: the cost of training turns as at inference is re-reading their history.
+        per_trained = report.expanded_tokens / report.expanded_trained if report.expanded_trained else 0.0
+        overall = report.tokens_total / report.tokens_trained if report.tokens_trained else 0.0
+        tables.append(SummaryTable("History rewritten: one row per turn", [
+            ("conversations expanded", f"{report.expanded:,}"),
+            ("rows made from them", f"{report.expanded_rows:,}"),
+            ("tokens read per trained token (those rows)", f"{per_trained:.2f}"),
+            ("tokens read per trained token (all rows)", f"{overall:.2f}"),
+        ]))
+
     if report.warnings:
         tables.append(SummaryTable("Warnings", [(kind, f"{n:,}") for kind, n in sorted(report.warnings.items())]))
+
+    if report.notes:
+        tables.append(SummaryTable("Notes", [(kind, note) for kind, note in sorted(report.notes.items())]))
 
     if report.bad_row_messages:
         shown = report.bad_row_messages[:MAX_BAD_ROW_MESSAGES]

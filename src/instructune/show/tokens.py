@@ -159,4 +159,6 @@ def row_view(row: EncodedRow, tokenizer: Any) -> RowView:
                   special=int(token_id) in special)
         for piece, token_id, label, role in zip(pieces, row.input_ids, row.labels, roles, strict=True)
     ]
-    return RowView(row=row.row, tokens=tokens, truncated=row.truncated)
+    # A row of an expanded conversation (rule 8a) says which turn it trains, with its history as context.
+    notes = [f"turn {row.turn}: history as at inference"] if getattr(row, "turn", None) is not None else []
+    return RowView(row=row.row, tokens=tokens, truncated=row.truncated, notes=notes)

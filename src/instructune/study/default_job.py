@@ -96,11 +96,8 @@ def _rates(questions: list[HeldOutQuestion], responses: list[str]) -> tuple[floa
 def run_default_job(overrides: list[str] | tuple[str, ...] = (), console=None) -> int:
     """Train the default job and print the before/after comparison; returns the exit status."""
     from rich.console import Console
-    from rich.table import Table
 
-    from instructune.train.loop import evaluate, fit, setup_run
-    from instructune.use.generation import answer_conversations
-    from instructune.use.loading import LoadedModel
+    from instructune.train.setup import removed_if_unused, setup_run
 
     console = console or Console(highlight=False, soft_wrap=True)
     started = time.perf_counter()
@@ -108,6 +105,18 @@ def run_default_job(overrides: list[str] | tuple[str, ...] = (), console=None) -
     console.print(f"instructune default job: fine-tune {config.model} on the packaged question-answer set "
                   "(responses trained, questions masked)", markup=False)
     run = setup_run(config, name="default", console=console)
+    with removed_if_unused(run):  # a job that fails before its checkpoint leaves no empty runs/default
+        return _train_and_compare(run, console, started)
+
+
+def _train_and_compare(run, console, started: float) -> int:
+    """The default job once set up: answers before, training, answers after, and the comparison."""
+    from rich.table import Table
+
+    from instructune.train.loop import evaluate, fit
+    from instructune.use.generation import answer_conversations
+    from instructune.use.loading import LoadedModel
+
     questions = load_heldout(Path(run.config.eval_data))
     conversations = [q.conversation for q in questions]
 

@@ -8,7 +8,10 @@ config, tokenizer with the chat template the run trained with), plus the trainin
 - `trainer_state.json`: step, counters, elapsed time, Python RNG state;
 - `rng_state.safetensors`: the torch RNG states (CPU and CUDA);
 - `optimizer.pt`: the optimizer state, loaded back with `torch.load(weights_only=True)`, so nothing
-  is ever unpickled;
+  is ever unpickled. It is twice the size of fp32 weights (AdamW's two moments), so `save_optimizer`
+  chooses where it stays: `last` (the default) keeps it in the newest checkpoint only, removing it
+  from the older ones once a newer checkpoint is complete; `all` keeps it everywhere; `none` never
+  writes it. A checkpoint without it still loads as a model, but a run cannot resume from it;
 - `COMPLETE`: written last.
 
 Atomicity: everything is written into `checkpoint-<step>.tmp-XXXX/`, each file is fsynced, the marker
@@ -32,11 +35,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from instructune.errors import UserError
+
 COMPLETE_MARKER = "COMPLETE"
 CONFIG_FILE = "training_config.yaml"
 STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng_state.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+SAVE_OPTIMIZER = ("last", "all", "none")
+"""Which checkpoints keep `optimizer.pt`: the newest only, every one, or none."""
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _LEFTOVER = re.compile(r"^checkpoint-\d+\.(tmp|deleting)-")
@@ -146,8 +153,11 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model, tokenizer, config_yaml: str,
                     optimizer: torch.optim.Optimizer, state: dict[str, Any], keep_last: int,
                     model_state: dict[str, torch.Tensor] | None = None,
-                    optimizer_state: dict[str, Any] | None = None) -> Path:
+                    optimizer_state: dict[str, Any] | None = None, save_optimizer: str = "last") -> Path:
     """Write the checkpoint of `step` atomically, then prune to `keep_last`; returns its folder.
+
+    `save_optimizer` (see `SAVE_OPTIMIZER`) says whether this checkpoint gets `optimizer.pt` and
+    whether the older ones lose theirs once this one is complete.
 
     `model` is a transformers model or a PEFT model (then the adapter is saved, which
     `AutoModelForCausalLM` loads on top of its base); `state` is JSON-serialisable trainer state.
@@ -165,7 +175,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model, tokenize
         generation_config.save_pretrained(tmp)  # a PEFT adapter folder: keep the base's stop tokens
     tokenizer.save_pretrained(tmp)
     (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
-    torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    if save_optimizer not in SAVE_OPTIMIZER:
+        raise ValueError(f"save_optimizer must be one of {SAVE_OPTIMIZER}, got {save_optimizer!r}")
+    if save_optimizer != "none":
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     save_file(_rng_tensors(), tmp / RNG_FILE)
     python_rng = random.getstate()
     full_state = {**state, "step": step, "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]]}
@@ -178,7 +191,32 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model, tokenize
     os.replace(tmp, final)
     _fsync(Path(output_dir))
     prune_checkpoints(output_dir, keep_last)
+    if save_optimizer == "last":
+        drop_older_optimizer_states(output_dir, step)
     return final
+
+
+def drop_older_optimizer_states(output_dir: str | os.PathLike, step: int) -> None:
+    """Remove `optimizer.pt` from every complete checkpoint older than `step` (they stay loadable models).
+
+    Called once the checkpoint of `step` is complete, so a kill at any moment still leaves a newest
+    checkpoint with its optimizer state; a kill in the middle leaves an older one with its file, which
+    the next save removes.
+    """
+    for older_step, path in list_checkpoints(output_dir):
+        if older_step < step:
+            (path / OPTIMIZER_FILE).unlink(missing_ok=True)
+
+
+def optimizer_state_file(path: str | os.PathLike) -> Path:
+    """The checkpoint's `optimizer.pt`; a `UserError` when it has none (it cannot be resumed from)."""
+    file = Path(path) / OPTIMIZER_FILE
+    if not file.is_file():
+        raise UserError(
+            f"cannot resume from {path}: it holds no optimizer state ({OPTIMIZER_FILE}); it was written with "
+            "save_optimizer: none, or it is an older checkpoint (save_optimizer: last keeps the state in the "
+            f"newest only). It still loads as a model: model={path} starts a new run from its weights")
+    return file
 
 
 def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
@@ -189,7 +227,7 @@ def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
 def load_optimizer_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer) -> None:
     """Restore the optimizer state; `weights_only=True` refuses anything but tensors and plain data."""
     device = next(p.device for group in optimizer.param_groups for p in group["params"])
-    saved = torch.load(Path(path) / OPTIMIZER_FILE, map_location=device, weights_only=True)
+    saved = torch.load(optimizer_state_file(path), map_location=device, weights_only=True)
     optimizer.load_state_dict(saved)
 
 

@@ -22,7 +22,17 @@ from typing import Any
 
 import yaml
 
-from instructune.data.options import ON_BAD_ROW, TRAIN_ON, TRUNCATION, EncodingOptions, OptionError
+from instructune.data.options import (
+    HISTORY,
+    ON_BAD_ROW,
+    REASONING,
+    SYSTEM,
+    TRAIN_ON,
+    TRAIN_ON_EOS,
+    TRUNCATION,
+    EncodingOptions,
+    OptionError,
+)
 from instructune.errors import UserError
 from instructune.model.load import DEFAULT_MODEL
 from instructune.model.lora import LORA_SETTINGS, _lora_config_kwargs
@@ -38,11 +48,16 @@ CHOICES = {
     "train_on": TRAIN_ON,
     "truncation": TRUNCATION,
     "on_bad_row": ON_BAD_ROW,
+    "history": HISTORY,
+    "reasoning": REASONING,
+    "train_on_eos": TRAIN_ON_EOS,
+    "system_role": SYSTEM,
     "schedule": ("constant", "linear", "cosine"),
     "loss_normalization": ("token", "sequence"),
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("auto", "float32", "bfloat16"),
     "distributed": ("ddp", "fsdp"),
+    "save_optimizer": ("last", "all", "none"),
 }
 
 
@@ -89,6 +104,16 @@ class TrainConfig:
     """keep_response (drop oldest turns, then cut the end), keep_start (cut the end) or drop (the row)."""
     on_bad_row: str = "error"
     """A malformed row stops the run (error) or is skipped and counted (skip)."""
+    history: str = "auto"
+    """Templates that rewrite earlier turns: auto (one row per turn when needed), expand (always), drop."""
+    reasoning: str = "train"
+    """Reasoning of a trained turn (reasoning_content or inline <think>): train it, or mask (context only)."""
+    train_on_eos: str = "turn"
+    """Closing tokens trained: turn (each trained turn's), last (the final trained turn's), all, none."""
+    system_role: str = "keep"
+    """System messages: keep, merge (fold them into the first user turn) or drop."""
+    template_vars: dict | None = None
+    """Extra variables for the chat template, e.g. {functions: [...]}; rows' own extra keys also pass."""
     num_proc: int | None = None
     """Worker processes for encoding the data; null: automatic."""
 
@@ -129,6 +154,8 @@ class TrainConfig:
     """Write a checkpoint every this many optimizer steps (and at the end); 0: only at the end."""
     keep_last: int = 2
     """Checkpoints to keep; older ones are deleted once a newer one is complete."""
+    save_optimizer: str = "last"
+    """Which checkpoints keep optimizer.pt (2/3 of a full one): last (the newest, to resume), all, or none."""
     resume: bool = False
     """Continue from the latest complete checkpoint in `output_dir`."""
     overwrite: bool = False
@@ -151,7 +178,9 @@ class TrainConfig:
         """How this run reads and encodes its data (an `OptionError` names a setting out of range)."""
         return EncodingOptions(template=self.template, data_format=self.format, train_on=self.train_on,
                                max_length=self.max_length, truncation=self.truncation,
-                               on_bad_row=self.on_bad_row)
+                               on_bad_row=self.on_bad_row, history=self.history, reasoning=self.reasoning,
+                               train_on_eos=self.train_on_eos, system_role=self.system_role,
+                               template_vars=self.template_vars or ())
 
     @property
     def effective_lr(self) -> float:
@@ -245,13 +274,20 @@ def _check_value(name: str, value: Any) -> Any:
 
 _CONFIG_KEY = {"data_format": "format"}
 """The configuration key of an `EncodingOptions` field, where the names differ."""
-_POSITIVE = ("batch_size", "grad_accum", "epochs", "keep_last", "log_every", "dist_timeout_s")
+_POSITIVE = ("grad_accum", "epochs", "keep_last", "log_every", "dist_timeout_s")
 _NON_NEGATIVE = ("eval_every", "save_every", "warmup_steps", "weight_decay", "max_grad_norm")
 
 
 def _check_ranges(config: TrainConfig) -> list[tuple[str, str]]:
     """Problems that involve a value's range or two keys together, as (key, message) pairs."""
+    from instructune.data.options import SETTING_RANGES, setting_problem
+
     problems = []
+    for name in SETTING_RANGES:  # the keys the command line takes too, by the very same rules
+        if name in FIELD_NAMES:
+            problem = setting_problem(name, getattr(config, name))
+            if problem:
+                problems.append((name, problem))
     for name in _POSITIVE:
         if getattr(config, name) < 1:
             problems.append((name, f"must be at least 1, got {getattr(config, name)}"))
@@ -269,8 +305,6 @@ def _check_ranges(config: TrainConfig) -> list[tuple[str, str]]:
         problems.append(("lr", f"must be positive, got {config.lr}"))
     if not 0 <= config.eval_fraction < 1:
         problems.append(("eval_fraction", f"must be in [0, 1), got {config.eval_fraction}"))
-    if config.num_proc is not None and config.num_proc < 1:
-        problems.append(("num_proc", f"must be at least 1 (or null), got {config.num_proc}"))
     if config.merge_lora and config.lora is None:
         problems.append(("merge_lora", "needs `lora` (there is no adapter to merge in full fine-tuning)"))
     if config.resume and config.overwrite:
@@ -348,11 +382,36 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+PATH_KEYS = ("data", "eval_data", "template")
+"""Keys whose relative paths in a config file are read from the config file's folder (the command line's
+from the current folder). A value that is not such a path (a Hub dataset name, a built-in template)
+is left as it is."""
+
+
+def _relative_to(folder: Path, key: str, value: Any) -> Any:
+    """`value` of `key` from a config file in `folder`: a relative path that exists there, or that starts
+    with ./ or ../, joined to `folder`; anything else unchanged."""
+    if key not in PATH_KEYS or not isinstance(value, str) or not value.strip():
+        return value
+    from instructune.data.templates import BUILTIN_TEMPLATES
+
+    if key == "template" and value in BUILTIN_TEMPLATES:
+        return value
+    path = Path(value)
+    if path.is_absolute() or value.startswith("~"):
+        return value
+    explicit = value.replace("\\", "/").startswith(("./", "../"))
+    if explicit or (folder / path).exists():
+        return os.path.normpath(folder / path)
+    return value
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
                 base: dict[str, Any] | None = None, base_origin: str = "default job") -> TrainConfig:
     """Build the configuration: dataclass defaults, then `base`, then the YAML file, then overrides.
 
-    Overrides are `key=value` strings; `lora.r=8` sets one key of the LoRA mapping.
+    Overrides are `key=value` strings; `lora.r=8` sets one key of the LoRA mapping. Relative paths of
+    `PATH_KEYS` in the file are read from the file's folder, those of overrides from the current one.
     """
     values: dict[str, Any] = dict(base or {})
     origin: dict[str, str] = dict.fromkeys(values, base_origin)
@@ -362,7 +421,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             where = f"{path}, line {lines[key]}" if key in lines else str(path)
             if key not in FIELD_NAMES:
                 raise _unknown_key(key, where)
-            values[key] = value
+            values[key] = _relative_to(Path(path).parent, key, value)
             origin[key] = where
     for text in overrides:
         key, value = parse_override(text)

@@ -35,7 +35,7 @@ from instructune.train.distributed import NoMetrics, shutdown, without_targets
 from instructune.train.loss import recycle_head_gradient, row_mean_sum
 from instructune.train.metrics import MetricsLogger, ProgressReporter, plot_losses
 from instructune.train.optim import grad_norm, lr_at, set_lr
-from instructune.train.setup import TrainingRun, setup_run
+from instructune.train.setup import TrainingRun, removed_if_unused, setup_run
 from instructune.train.step_plan import step_counts
 
 __all__ = ["TrainResult", "TrainingRun", "collate_rows", "evaluate", "evaluate_all", "fit", "setup_run", "train"]
@@ -144,7 +144,8 @@ def _save(run: TrainingRun, step: int, epoch: int) -> None:
                         config_yaml=config_to_yaml(run.config), optimizer=run.optimizer,
                         state={**run.state, "epoch": epoch, "total_steps": run.plan.total_steps(),
                                "world_size": run.parallel.world_size},
-                        keep_last=run.config.keep_last, model_state=model_state, optimizer_state=optimizer_state)
+                        keep_last=run.config.keep_last, model_state=model_state, optimizer_state=optimizer_state,
+                        save_optimizer=run.config.save_optimizer)
     run.parallel.barrier()  # no rank goes on (or looks for the checkpoint) before it is complete
 
 
@@ -235,6 +236,8 @@ def _write_merged(run: TrainingRun) -> Path:
 def train(config: TrainConfig, *, name: str = "default", console=None) -> TrainResult:
     """Set up and run a whole training run; see the module docstring."""
     try:
-        return fit(setup_run(config, name=name, console=console), console=console)
+        run = setup_run(config, name=name, console=console)
+        with removed_if_unused(run):  # a run that fails before its first checkpoint leaves no empty folder
+            return fit(run, console=console)
     finally:
         shutdown()  # the process group, when this run created it

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,12 @@ def _finite(value: Any) -> bool:
 
 
 class ProgressReporter:
-    """A progress bar (loss, tokens/s, ETA) on a terminal; elsewhere a line every `log_every` steps."""
+    """A progress bar (loss, tokens/s, ETA) on a terminal; elsewhere a line every `log_every` steps.
+
+    The loss shown is a windowed running mean: the plain mean of the last `log_every` steps' losses
+    (fewer at the start and after a resume), so a line summarises exactly the steps since the one
+    before it and one unlucky batch does not make it jump. `metrics.jsonl` keeps each step's own loss.
+    """
 
     def __init__(self, console, total_steps: int, start_step: int, start_tokens: int, log_every: int):
         self.console = console
@@ -121,6 +127,8 @@ class ProgressReporter:
         self.start_step = start_step
         self.start_tokens = start_tokens
         self.log_every = log_every
+        self.recent: deque[float] = deque(maxlen=max(1, log_every))
+        """The losses of the last `log_every` steps."""
         self.started = time.perf_counter()
         self.bar = None
         if console.is_terminal and start_step < total_steps:
@@ -134,16 +142,23 @@ class ProgressReporter:
             self.bar.start()
             self.task = self.bar.add_task("train", total=total_steps, completed=start_step, loss="-", speed="-")
 
+    @property
+    def mean_loss(self) -> float:
+        """The mean loss of the last `log_every` steps (NaN before the first)."""
+        return math.fsum(self.recent) / len(self.recent) if self.recent else math.nan
+
     def update(self, step: int, record: dict[str, Any]) -> None:
         """Show the state after optimizer step `step` (1-based) from its metrics record."""
         elapsed = time.perf_counter() - self.started
         speed = (record["tokens"] - self.start_tokens) / max(elapsed, 1e-9)  # this session's average
+        self.recent.append(record["loss"])
+        loss = f"{self.mean_loss:.4f}" + (f" (mean of {len(self.recent)} steps)" if len(self.recent) > 1 else "")
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=f"{record['loss']:.4f}", speed=f"{speed:,.0f}")
+            self.bar.update(self.task, completed=step, loss=loss, speed=f"{speed:,.0f}")
         elif step % self.log_every == 0 or step == self.total:
             eta = elapsed / (step - self.start_step) * (self.total - step)
             self.console.print(
-                f"step {step}/{self.total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                f"step {step}/{self.total}  loss {loss}  lr {record['lr']:.2e}  "
                 f"grad_norm {record['grad_norm']:.3f}  {speed:,.0f} tok/s  elapsed {_clock(record['elapsed_s'])}"
                 f"  ETA {_clock(eta)}", markup=False, highlight=False, soft_wrap=True)
 

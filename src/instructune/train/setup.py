@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import shlex
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import yaml
 
 from instructune.data.encoded import EncodedRow
+from instructune.data.templates import check_template_choice
 from instructune.errors import UserError
 from instructune.model.varlen_attention import use_varlen_attention
 from instructune.train.checkpoint import (
@@ -29,7 +34,7 @@ from instructune.train.config import (
     DEFAULT_WARMUP_FRACTION,
     FIELD_NAMES,
     TrainConfig,
-    load_config,
+    config_from_dict,
     save_config,
 )
 from instructune.train.distributed import Parallel, init_distributed
@@ -66,6 +71,9 @@ class TrainingRun:
     eval_sets: dict[str, list[EncodedRow]] = field(default_factory=dict)
     """More rows scored at every evaluation, by name; each adds `<name>_loss`, `<name>_accuracy` and
     `<name>_targets` (over that set's own labels) to the eval record. `instructune compare` uses it."""
+    created_folders: list[Path] = field(default_factory=list)
+    """The folders setup created for `output_dir` (rank 0), which a run that fails before writing
+    anything worth keeping removes again (`remove_unused_output`)."""
 
 
 def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
@@ -90,14 +98,72 @@ def _prepare_output_dir(config: TrainConfig, output_dir: Path, console) -> Path 
         return latest
     has_run = latest is not None or (output_dir / METRICS_FILE).exists()
     if has_run and not config.overwrite:
+        held = f" ({latest.name})" if latest is not None else ""
         raise UserError(
-            f"{output_dir} already holds a run; pass resume=true to continue it, overwrite=true to start "
-            "it again, or output_dir=... for a new one")
+            f"{output_dir} already holds a run{held}; add resume=true to the command to continue it, "
+            f"overwrite=true to start it again (its checkpoints are deleted), or output_dir={_free_name(output_dir)} "
+            "for a new run")
     if has_run:
         for entry in output_dir.iterdir():
             if entry.name.startswith("checkpoint-") or entry.name in RUN_FILES:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     return None
+
+
+def _free_name(output_dir: Path) -> str:
+    """A sibling of `output_dir` that does not exist yet (`runs/default-2`), to suggest."""
+    number = 2
+    while output_dir.with_name(f"{output_dir.name}-{number}").exists():
+        number += 1
+    return str(output_dir.with_name(f"{output_dir.name}-{number}"))
+
+
+def new_folders(path: Path) -> list[Path]:
+    """The folders `path.mkdir(parents=True)` would create, `path` first (empty when it exists)."""
+    missing, path = [], Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_unused_output(created: list[Path]) -> bool:
+    """After a failed run: remove the folders it created (`new_folders` before it started) when they hold
+    nothing worth keeping: no checkpoint (complete or not), no metrics row, no merged model, nothing the
+    run did not write itself. A folder that existed before is never touched. Returns whether it removed them."""
+    if not created or not created[0].is_dir():
+        return False
+    output_dir = created[0]
+    for entry in output_dir.iterdir():
+        if entry.name.startswith("checkpoint-") or entry.name in ("merged", "heldout_answers.jsonl"):
+            return False
+        if entry.name == METRICS_FILE:
+            try:
+                if entry.read_text(encoding="utf-8").strip():
+                    return False
+            except (OSError, UnicodeDecodeError):
+                return False
+        elif entry.name not in RUN_FILES:
+            return False
+    shutil.rmtree(output_dir, ignore_errors=True)
+    for parent in created[1:]:  # the parents it created, as long as nothing else was put in them
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+    return not output_dir.exists()
+
+
+@contextmanager
+def removed_if_unused(run: TrainingRun) -> Iterator[None]:
+    """Around the steps of `run`: when they fail, remove the output folders setup created if nothing worth
+    keeping was written there yet (see `remove_unused_output`); the error goes on."""
+    try:
+        yield
+    except BaseException:
+        if run.parallel.is_main:
+            remove_unused_output(run.created_folders)
+        raise
 
 
 def _split_rows(rows: list[EncodedRow], config: TrainConfig) -> tuple[list[EncodedRow], list[EncodedRow]]:
@@ -113,16 +179,27 @@ def _split_rows(rows: list[EncodedRow], config: TrainConfig) -> tuple[list[Encod
 
 def prepare_splits(config: TrainConfig, tokenizer, console) -> tuple[list[EncodedRow], list[EncodedRow], str]:
     """Encode the training (and evaluation) data; returns (train rows, eval rows, template text)."""
-    from instructune.data.prepare import prepare_dataset
+    from instructune.data.prepare import prepare_dataset, require_kept_rows
 
     prepared = prepare_dataset(config.data, tokenizer, config.encoding, num_proc=config.num_proc)
     _print_report(console, config.data, prepared.report)
+    require_kept_rows(config.data, prepared.report, _inspect_hint(config, config.data))
     if config.eval_data:
         evaluation = prepare_dataset(config.eval_data, tokenizer, config.encoding, num_proc=config.num_proc)
         _print_report(console, config.eval_data, evaluation.report)
+        require_kept_rows(config.eval_data, evaluation.report, _inspect_hint(config, config.eval_data))
         return prepared.rows, evaluation.rows, prepared.template
     train_rows, eval_rows = _split_rows(prepared.rows, config)
     return train_rows, eval_rows, prepared.template
+
+
+def _inspect_hint(config: TrainConfig, data: str) -> str:
+    """The `instructune inspect` command that shows how this run's settings encode `data`, row by row."""
+    from instructune.data.prepare import encoding_flags
+
+    flags = encoding_flags(config.encoding)
+    tokenizer = config.tokenizer or config.model
+    return f"`instructune inspect {shlex.quote(str(data))} --tokenizer {shlex.quote(str(tokenizer))}{flags}` shows why"
 
 
 def _print_report(console, source: str, report) -> None:
@@ -192,17 +269,36 @@ def setup_run(config: TrainConfig, *, name: str = "default", console=None) -> Tr
     """Prepare data, model and optimizer, and load the latest checkpoint when resuming."""
     from rich.console import Console
 
-    from instructune.model.load import load_tokenizer
-
     console = console or Console(highlight=False, soft_wrap=True)
     if not config.data:
         raise UserError("'data' is not set: give the training data in the config or as data=PATH")
+    check_template_choice(config.template)  # a broken template file stops the run before anything is written
     config = resolve_config(config, name)
     output_dir = Path(config.output_dir)
     device, dtype = resolve_device(config)
     parallel = init_distributed(config, device)
     device, console = parallel.device, console if parallel.is_main else Console(quiet=True)
-    resume_from = parallel.on_main(lambda: _prepare_output_dir(config, output_dir, console))
+    created: list[Path] = []  # on rank 0: the folders this run creates, removed again if it fails unused
+
+    def prepare_output() -> Path | None:
+        created.extend(new_folders(output_dir))
+        return _prepare_output_dir(config, output_dir, console)
+
+    resume_from = parallel.on_main(prepare_output)
+    try:
+        run = _setup_in(config, name, output_dir, device, dtype, parallel, console, resume_from)
+    except BaseException:
+        remove_unused_output(created)
+        raise
+    run.created_folders = created
+    return run
+
+
+def _setup_in(config: TrainConfig, name: str, output_dir: Path, device: torch.device, dtype: torch.dtype,
+              parallel: Parallel, console, resume_from: Path | None) -> TrainingRun:
+    """`setup_run` once the output folder is ready: data, model, optimizer, the checkpoint to resume."""
+    from instructune.model.load import load_tokenizer
+
     random.seed(config.seed)
     torch.manual_seed(config.seed)
 
@@ -242,10 +338,12 @@ def setup_run(config: TrainConfig, *, name: str = "default", console=None) -> Tr
 def _note_changed_settings(checkpoint: Path, config: TrainConfig, console) -> None:
     """Say which settings differ from the checkpoint's: a resumed run then no longer matches the original."""
     try:
-        saved = load_config(checkpoint / CONFIG_FILE)
-    except UserError:  # written by another version; nothing to compare against
+        # As saved, paths and all (read as a file, its relative paths would be taken from the checkpoint's folder).
+        values = yaml.safe_load((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
+        saved = config_from_dict(values if isinstance(values, dict) else {}, origin=str(checkpoint / CONFIG_FILE))
+    except (UserError, OSError, yaml.YAMLError):  # written by another version; nothing to compare against
         return
-    ignored = {"resume", "overwrite", "log_every", "distributed", "dist_timeout_s"}  # same results either way
+    ignored = {"resume", "overwrite", "log_every", "distributed", "dist_timeout_s", "save_optimizer"}  # same results
     changed = [f"{key} (was {getattr(saved, key)!r}, now {getattr(config, key)!r})" for key in FIELD_NAMES
                if key not in ignored and getattr(saved, key) != getattr(config, key)]
     if changed:

@@ -5,12 +5,12 @@ Two passes over the same rows:
 1. **Loss**: every row is encoded as training encodes it, and the response tokens are scored:
    the response-only loss (token-level mean over all rows), its perplexity `exp(loss)`, and the token
    accuracy (how often the model's most likely next token is the reference token).
-2. **Generation** (the first `--limit` rows that end with an assistant turn): the conversation
+2. **Generation** (the rows that end with an assistant turn): the conversation
    without that turn, plus the generation prompt, is answered greedily in batches and compared with
    the turn it left out: exact match, contains-the-answer (the row's `answer` key when it has one)
    and ROUGE-L (see `instructune.use.text_metrics`).
 
-Per-row results go to `rows.jsonl` and the totals to `totals.json` under `--output`; the totals are
+`--limit N` evaluates the first N rows of the dataset only, in both passes. Per-row results go to `rows.jsonl` and the totals to `totals.json` under `--output`; the totals are
 also printed as a table.
 """
 
@@ -89,12 +89,15 @@ def default_eval_data() -> str:
     return str(resources.files("instructune") / "resources" / DEFAULT_EVAL_DATA)
 
 
-def answer_keys(source: str) -> dict[int, str]:
-    """The `answer` key of every row that has one, by row index (the same index `read_conversations` gives)."""
+def answer_keys(source: str, limit: int | None = None) -> dict[int, str]:
+    """The `answer` key of every row that has one, by row index (the same index `read_conversations` gives);
+    only the first `limit` rows when it is given."""
     from instructune.data.sources import iter_rows
 
     keys = {}
     for index, raw in enumerate(iter_rows(source)):
+        if limit is not None and index >= limit:
+            break
         record = raw.record
         if isinstance(record, dict) and isinstance(record.get("answer"), str) and record["answer"].strip():
             keys[index] = record["answer"]
@@ -141,7 +144,8 @@ def generate_answers(loaded, conversations: list[Conversation], *, max_new_token
 def evaluate_dataset(loaded, data: str, options: EncodingOptions = DEFAULT_ENCODING, *,
                      limit: int | None = None, max_new_tokens: int = 64, batch_size: int = 8,
                      generate: bool = True, progress=None) -> tuple[list[RowResult], EvalTotals]:
-    """Score every row's response tokens and, unless `generate` is False, answer the first `limit` rows.
+    """Score every row's response tokens and, unless `generate` is False, answer each row; only the first
+    `limit` rows of `data` when it is given (both passes).
 
     The rows are read and encoded by `prepare_dataset`, as training prepares them, with the model's
     template (`loaded.template`, which `options.template` chose when loading), so the rows scored and
@@ -153,14 +157,14 @@ def evaluate_dataset(loaded, data: str, options: EncodingOptions = DEFAULT_ENCOD
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if limit is not None and limit < 0:
-        raise UserError(f"--limit must be 0 or more, got {limit}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
     # Serially and uncached, as eval always encoded: no worker processes forked from one that holds
     # a model, and no cache entries for sets that are scored once.
     prepared = prepare_dataset(data, loaded.tokenizer, options, template_text=loaded.template, num_proc=1,
-                               cache_dir=False)
+                               cache_dir=False, limit=limit)
     report = prepared.report
-    keys = answer_keys(data)
+    keys = answer_keys(data, limit)
     conversations = dict(prepared.conversations)
     by_row = {index: RowResult(row=index, prompt=_last_user_text(conv))
               for index, conv in conversations.items()}
@@ -189,7 +193,6 @@ def evaluate_dataset(loaded, data: str, options: EncodingOptions = DEFAULT_ENCOD
     if generate:
         chosen = [index for index, conv in conversations.items()
                   if not conv.is_text and conv.messages and conv.messages[-1].role == "assistant"]
-        chosen = chosen[:limit] if limit is not None else chosen
         task = progress.add_task("generating", total=len(chosen)) if progress is not None else None
         advance = (lambda n: progress.advance(task, n)) if progress is not None else None
         answers = generate_answers(loaded, [conversations[index] for index in chosen],

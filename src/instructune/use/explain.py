@@ -189,15 +189,22 @@ def _token_cell(text: str) -> str:
     return visible(text).replace("\n", "").replace(" ", "␣")
 
 
-def _alternative(text: str) -> str:
-    from instructune.show.tokens import visible
+def format_prob(p: float, decimals: int = 4) -> str:
+    """A probability as people read it: `0.7000` from 10^-3 on (10^-1 with 2 decimals), `3.1e-07` below.
 
-    return visible(text.strip() or text).replace("\n", "")
+    With a fixed 4 decimals every token the model finds very unlikely (a loss above about 9 nats) would
+    print as 0.0000, the very tokens one looks for; the JSON keeps the full float.
+    """
+    return f"{p:.{decimals}f}" if p >= 10.0 ** (1 - decimals) or p == 0 else f"{p:.1e}"
 
 
 def top_text(token: TokenExplanation) -> str:
-    """`Pacific 0.70, Atlantic 0.20, Indian 0.10`."""
-    return ", ".join(f"{_alternative(text)} {p:.2f}" for text, p in token.top)
+    """`␣Pacific 0.70, ␣Atlantic 0.20, Pacific 0.10`: each alternative drawn like the token column.
+
+    A leading space is part of a token (` Pacific` and `Pacific` are different tokens), so it shows as ␣
+    here too instead of being stripped, which made such pairs look like duplicates.
+    """
+    return ", ".join(f"{_token_cell(text)} {format_prob(p, 2)}" for text, p in token.top)
 
 
 def loss_colour(loss: float) -> str:
@@ -217,7 +224,7 @@ def print_explanation(console, explanation: Explanation) -> None:
                              ("p", "right"), ("loss", "right"), ("top alternatives", "left")):
         table.add_column(heading, justify=justify, overflow="fold")
     for t in explanation.tokens:
-        prob = "" if t.prob is None else f"{t.prob:.4f}"
+        prob = "" if t.prob is None else format_prob(t.prob)
         loss = "" if t.loss is None else f"{t.loss:.4f}"
         style = "bold green" if t.trained else "grey58"
         # Text objects, not strings: a token such as `[/INST]` must not be read as rich markup.
@@ -260,7 +267,7 @@ def explanation_html(explanation: Explanation, *, special: set[int] | None = Non
 
     views = []
     for t in explanation.tokens:
-        note = "" if t.loss is None else f"p {t.prob:.4f} · loss {t.loss:.4f}"
+        note = "" if t.loss is None else f"p {format_prob(t.prob)} · loss {t.loss:.4f}"
         if t.top:
             note += f" · top: {top_text(t)}"
         views.append(TokenView(text=t.text, token_id=t.id, label=t.id if t.trained else IGNORE_INDEX, role=t.role,
@@ -271,7 +278,7 @@ def explanation_html(explanation: Explanation, *, special: set[int] | None = Non
     rows = []
     for t in explanation.tokens:
         cells = [str(t.index), escape(_token_cell(t.text)), t.role, "yes" if t.trained else "masked",
-                 "" if t.prob is None else f"{t.prob:.4f}", "" if t.loss is None else f"{t.loss:.4f}",
+                 "" if t.prob is None else format_prob(t.prob), "" if t.loss is None else f"{t.loss:.4f}",
                  escape(top_text(t))]
         style = "" if t.loss is None else f' style="background:{loss_colour(t.loss)}"'
         cells[5] = f"<span class=swatch{style}>&nbsp;</span> {cells[5]}" if t.loss is not None else ""

@@ -21,7 +21,6 @@ A returned answer never includes its stop token; one shorter than `max_new_token
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING
 
@@ -49,13 +48,14 @@ def accepts_logits_to_keep(model) -> bool:
 
 
 def check_sampling(*, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> None:
-    """Raise a `UserError` for generation settings out of range (commands call it before loading)."""
-    if temperature < 0 or math.isnan(temperature):
-        raise UserError(f"--temperature must be 0 (greedy) or more, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    """Raise a `UserError` for generation settings out of range (the ranges of `data.options.SETTING_RANGES`,
+    which the command line checks before loading; this guards callers of the functions below)."""
+    from instructune.data.options import setting_problem
+
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("max_new_tokens", max_new_tokens)):
+        problem = setting_problem(name, value)
+        if problem:
+            raise UserError(f"--{name.replace('_', '-')} {problem}")
 
 
 def prompt_conversation(conv: Conversation) -> Conversation:

@@ -57,9 +57,10 @@ def resolve_device(name: str | None) -> torch.device:
 def load_for_inference(spec: str, *, template: str | None = None, device: str | None = None,
                        dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> LoadedModel:
     """Load a model spec (Hub id, folder, checkpoint, GGUF, adapter) with its template, in eval mode."""
-    from instructune.data.templates import add_template_tokens, resolve_template
+    from instructune.data.templates import add_template_tokens, check_template_choice, resolve_template
     from instructune.model.load import load_model, load_tokenizer
 
+    check_template_choice(template)  # a broken template file fails before the model is loaded (or converted)
     tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)
     added = add_template_tokens(tokenizer, template)
     template_text = resolve_template(template, tokenizer)
