@@ -127,8 +127,8 @@ def split_config_arguments(arguments: list[str]) -> tuple[str | None, list[str]]
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse a flag out of its range (`--num-proc must be at least 1, got 0`) before anything is loaded,
-    by the same rules (`data.options.SETTING_RANGES`) that the configuration's keys follow."""
-    from instructune.data.options import SETTING_RANGES, setting_problem
+    by the same rules (`instructune.ranges.SETTING_RANGES`) that the configuration's keys follow."""
+    from instructune.ranges import SETTING_RANGES, setting_problem
 
     for name in SETTING_RANGES:
         problem = setting_problem(name, getattr(args, name, None))

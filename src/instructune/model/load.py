@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal
 
 from instructune.errors import UserError
 from instructune.model.gguf import convert_gguf, converted_folder, is_converted_folder
-from instructune.model.lora import import_peft, is_lora_adapter_folder
+from instructune.model.lora import import_peft, is_lora_adapter_folder, quiet_peft
 from instructune.model.quiet import one_line, quiet_loading
 
 if TYPE_CHECKING:
@@ -198,7 +198,7 @@ def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dt
         return _load_causal_lm(resolved, dtype, trust_remote_code).to(device)
     peft = import_peft()
     base = _load_causal_lm(resolved.base, dtype, trust_remote_code)
-    with quiet_loading(), _user_errors(resolved, str(resolved.path)):
+    with quiet_loading(), quiet_peft(), _user_errors(resolved, str(resolved.path)):
         model = peft.PeftModel.from_pretrained(base, resolved.path)
     return model.to(device)
 

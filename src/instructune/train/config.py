@@ -280,7 +280,7 @@ _NON_NEGATIVE = ("eval_every", "save_every", "warmup_steps", "weight_decay", "ma
 
 def _check_ranges(config: TrainConfig) -> list[tuple[str, str]]:
     """Problems that involve a value's range or two keys together, as (key, message) pairs."""
-    from instructune.data.options import SETTING_RANGES, setting_problem
+    from instructune.ranges import SETTING_RANGES, setting_problem
 
     problems = []
     for name in SETTING_RANGES:  # the keys the command line takes too, by the very same rules

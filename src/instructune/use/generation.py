@@ -48,9 +48,9 @@ def accepts_logits_to_keep(model) -> bool:
 
 
 def check_sampling(*, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> None:
-    """Raise a `UserError` for generation settings out of range (the ranges of `data.options.SETTING_RANGES`,
+    """Raise a `UserError` for generation settings out of range (the ranges of `instructune.ranges.SETTING_RANGES`,
     which the command line checks before loading; this guards callers of the functions below)."""
-    from instructune.data.options import setting_problem
+    from instructune.ranges import setting_problem
 
     for name, value in (("temperature", temperature), ("top_p", top_p), ("max_new_tokens", max_new_tokens)):
         problem = setting_problem(name, value)
