@@ -163,7 +163,9 @@ def test_a_template_that_refuses_the_system_role_says_how_to_fix_it(case):
         check_row(case, encoder._apply_system_policy(conv), rows[0], tokenizer_for(case), sample)
 
 
-PROPERTY_FAMILIES = ("qwen3", "phi-3.5-mini", "gpt-oss", "mistral-nemo", "command-r7b", "llama-3.1", "gemma-3")
+# Every template that renders a plain user/assistant conversation without extra variables (two need tools
+# or functions passed in: their fixed conversations above cover them).
+PROPERTY_FAMILIES = tuple(c["family"] for c in CASES if not c.get("render_kwargs"))
 
 
 @pytest.mark.parametrize("family", PROPERTY_FAMILIES)
@@ -183,7 +185,7 @@ def test_random_conversations_on_real_templates(family):
     anything = st.text(max_size=20).filter(lambda text: not any(m in text for m in markers) and "<" not in text
                                             ).map(lambda text: ("any", text))
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
     @given(texts=st.lists(st.one_of(clean, anything), min_size=2, max_size=6), reasoning=st.booleans())
     def run(texts, reasoning):
         all_clean = all(kind == "clean" for kind, _ in texts)
