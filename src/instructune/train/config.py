@@ -36,6 +36,7 @@ from instructune.data.options import (
 from instructune.errors import UserError
 from instructune.model.load import DEFAULT_MODEL
 from instructune.model.lora import LORA_SETTINGS, _lora_config_kwargs
+from instructune.train.yaml_file import read_yaml_mapping
 
 DEFAULT_LR_FULL = 2e-5
 """Learning rate for full fine-tuning when `lr` is not given."""
@@ -315,54 +316,6 @@ def _check_ranges(config: TrainConfig) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------------------------------
 # Loading
 
-class _LineLoader(yaml.SafeLoader):
-    """A safe YAML loader that refuses duplicate keys and remembers the line of each top-level key."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark
-                )
-            seen[key] = line
-        mapping = super().construct_mapping(node, deep=deep)
-        if node is getattr(self, "_root", None):
-            self.key_lines = seen
-        return mapping
-
-    def get_single_node(self):
-        self._root = super().get_single_node()
-        return self._root
-
-
-def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
-    """The mapping in a YAML file and the line of each key; UserError naming the file and line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read config file {path}: {error}") from None
-    loader = _LineLoader(text)
-    try:
-        data = loader.get_single_data()
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(error, "problem", None) or str(error)
-        raise UserError(f"{where}: invalid YAML: {problem}") from None
-    finally:
-        loader.dispose()
-    if data is None:
-        return {}, {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of `key: value` lines, got {type(data).__name__}")
-    return data, getattr(loader, "key_lines", {})
-
-
 def _unknown_key(key: str, where: str) -> UserError:
     close = difflib.get_close_matches(str(key), FIELD_NAMES, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -416,7 +369,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     values: dict[str, Any] = dict(base or {})
     origin: dict[str, str] = dict.fromkeys(values, base_origin)
     if path is not None:
-        data, lines = _read_yaml(Path(path))
+        data, lines = read_yaml_mapping(Path(path))
         for key, value in data.items():
             where = f"{path}, line {lines[key]}" if key in lines else str(path)
             if key not in FIELD_NAMES:
