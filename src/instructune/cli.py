@@ -16,7 +16,7 @@ from types import ModuleType
 from instructune.commands.arguments import check_arguments
 from instructune.errors import UserError
 
-COMMANDS = ("inspect", "train", "compare", "explain", "eval", "generate", "chat")
+COMMANDS = ("inspect", "train", "compare", "study", "explain", "eval", "generate", "chat", "serve", "export")
 """The sub-commands, in the order `--help` lists them; `instructune.commands.<name>` implements each."""
 
 

@@ -18,6 +18,8 @@ SETTING_RANGES: dict[str, tuple[Any, str]] = {
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "top_k": (lambda v: v >= 0, "0 or more"),
     "examples": (lambda v: v >= 0, "0 or more"),
+    "max_tokens_per_forward": (lambda v: v >= 0, "0 (no limit) or more"),
+    "instruction_weight": (lambda v: 0 <= v <= 1, "in [0, 1]"),
 }
 """Setting name -> (the test a value must pass, the range in words). None (the default) always passes."""
 

@@ -131,6 +131,8 @@ def runs(tmp_path_factory):
     try:
         # Two optimizer steps, a checkpoint after each (so `keep_last` keeps more than one).
         common = {"max_steps": 2, "save_every": 1, "eval_every": 0}
+        if importlib.util.find_spec("tensorboard") is not None:  # README: `tensorboard/` comes with report_to
+            common["report_to"] = "tensorboard"
         full = root / "full"
         assert main(["train", str(config), *quick_settings(model, data, full, **common)]) == 0
         lora = None

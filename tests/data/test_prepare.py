@@ -38,7 +38,7 @@ def test_report_counts_rows_tokens_and_drop_reasons(tmp_path):
     assert report.dropped == {"bad_row": 1}
     assert report.truncated == 1  # the long response was cut to 60 tokens
     assert [row.row for row in prepared.rows] == [0, 1, 2, 4]
-    assert report.lengths == [len(row.input_ids) for row in prepared.rows] and max(report.lengths) == 60
+    assert list(report.lengths) == [len(row.input_ids) for row in prepared.rows] and max(report.lengths) == 60
     assert report.tokens_total == sum(report.lengths)
     assert report.tokens_trained == sum(label != IGNORE_INDEX for row in prepared.rows for label in row.labels)
     assert report.trained_fraction == pytest.approx(report.tokens_trained / report.tokens_total)

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--row", type=int, help="the row of --data, counting from 0")
     add_format_argument(p)
     p.add_argument("--top-k", type=int, default=3, help="alternatives shown at each trained token (default 3)")
+    p.add_argument("--instruction-weight", type=float, metavar="W",
+                   help="also show each token's loss weight under `instruction_weight: W` (in [0, 1]) and the "
+                        "weighted total")
     p.add_argument("--html", help="write a page with the tokens coloured by loss")
     p.add_argument("--json", help="write the tokens and totals as JSON")
 
@@ -61,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     # fp32 on every device: the lesson is in the probabilities, which bf16 would blur.
     loaded = load_for_inference(args.model, template=args.template, device=args.device, dtype=torch.float32,
                                 trust_remote_code=args.trust_remote_code)
-    explanation = explain_conversation(loaded.model, loaded.tokenizer, loaded.template, conv, top_k=args.top_k)
+    explanation = explain_conversation(loaded.model, loaded.tokenizer, loaded.template, conv, top_k=args.top_k,
+                                       instruction_weight=args.instruction_weight)
 
     console = Console(highlight=False)
     print_explanation(console, explanation)

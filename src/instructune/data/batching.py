@@ -16,6 +16,10 @@ implementation (CUDA), the loss passes `cu_seq_lens_q/k` and `max_length_q/k` so
 variable-length kernel runs padding-free, without any mask. A 2-D `attention_mask` would switch the
 detection off, so a packed batch never carries one. On CPU, one long packed row costs more than the
 same tokens as several short padded rows (the T x T mask grows quadratically): pack into short bins.
+
+With an instruction weight above 0 (docs/masking.md, rule 11a) both layouts also carry
+`instruction_labels`, laid out like `labels`: the targets scored at that weight. With 0 they are not
+built at all, so masked training sees exactly the batches it always did.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 
 from instructune import IGNORE_INDEX
 from instructune.data.encoded import EncodedRow
+from instructune.data.weights import labels_outside
 
 __all__ = ["collate_packed", "collate_padded", "length_grouped_batches", "pack_rows"]
 
@@ -57,58 +62,85 @@ def _round_up(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
 
 
+def _with_instruction_labels(pairs: list[tuple[list[int], list[int]]], instruction_weight: float,
+                             prefix_length: int) -> list[tuple[list[int], ...]]:
+    """Each (ids, labels) with its instruction labels appended when the weight is not 0 (see data/weights.py)."""
+    if not instruction_weight:
+        return pairs
+    return [(ids, labels, labels_outside(ids, labels, prefix_length)) for ids, labels in pairs]
+
+
 def collate_padded(rows: Sequence[EncodedRow | Mapping], pad_token_id: int,
-                   pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad rows into `input_ids`, `labels` (-100 on padding) and `attention_mask`, all [B, T] int64."""
+                   pad_to_multiple_of: int | None = None, *, instruction_weight: float = 0.0,
+                   prefix_length: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad rows into `input_ids`, `labels` (-100 on padding) and `attention_mask`, all [B, T] int64.
+
+    With an `instruction_weight` other than 0, also `instruction_labels` [B, T]: the targets the loss scores
+    at that weight (`data.weights.instruction_labels`; the first `prefix_length` tokens are the BOS).
+    """
     if not rows:
         raise ValueError("cannot collate an empty list of rows")
-    pairs = [_ids_and_labels(row) for row in rows]
-    length = _round_up(max(len(ids) for ids, _ in pairs), pad_to_multiple_of)
+    pairs = _with_instruction_labels([_ids_and_labels(row) for row in rows], instruction_weight, prefix_length)
+    length = _round_up(max(len(ids) for ids, *_ in pairs), pad_to_multiple_of)
     input_ids = torch.full((len(pairs), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(pairs), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(pairs), length), dtype=torch.long)
-    for i, (ids, row_labels) in enumerate(pairs):
+    for i, (ids, row_labels, *_) in enumerate(pairs):
         input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         labels[i, :len(ids)] = torch.tensor(row_labels, dtype=torch.long)
         attention_mask[i, :len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if instruction_weight:
+        batch["instruction_labels"] = torch.full_like(labels, IGNORE_INDEX)
+        for i, (ids, _, instruction) in enumerate(pairs):
+            batch["instruction_labels"][i, :len(ids)] = torch.tensor(instruction, dtype=torch.long)
+    return batch
 
 
 def collate_packed(rows: Sequence[EncodedRow | Mapping], pad_token_id: int,
-                   pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+                   pad_to_multiple_of: int | None = None, *, instruction_weight: float = 0.0,
+                   prefix_length: int = 1) -> dict[str, torch.Tensor]:
     """Concatenate rows into one [1, T] sequence: `input_ids`, `labels`, `position_ids`, `cu_seq_lens`.
 
     `position_ids` restart at 0 at each row; `cu_seq_lens` ([rows + 1], int32) holds the row boundaries.
     The first label of every row is -100: after the shift, the last position of row k would predict the
     first token of row k + 1, which is not row k's to predict (in a padded batch that target does not
     exist either). With `pad_to_multiple_of`, the padding tail forms one more row without targets.
+    `instruction_weight` and `prefix_length` add `instruction_labels` as in `collate_padded`.
     """
     if not rows:
         raise ValueError("cannot collate an empty list of rows")
     input_ids: list[int] = []
     labels: list[int] = []
+    instruction_labels: list[int] = []
     position_ids: list[int] = []
     boundaries = [0]
-    for row in rows:
-        ids, row_labels = _ids_and_labels(row)
+    for ids, row_labels, *instruction in _with_instruction_labels([_ids_and_labels(row) for row in rows],
+                                                                  instruction_weight, prefix_length):
         if not ids:
             raise ValueError("cannot pack an empty row")
         input_ids += ids
         labels += [IGNORE_INDEX] + row_labels[1:]
+        if instruction:
+            instruction_labels += [IGNORE_INDEX] + instruction[0][1:]
         position_ids += range(len(ids))
         boundaries.append(len(input_ids))
     tail = _round_up(len(input_ids), pad_to_multiple_of) - len(input_ids)
     if tail:
         input_ids += [pad_token_id] * tail
         labels += [IGNORE_INDEX] * tail
+        instruction_labels += [IGNORE_INDEX] * tail if instruction_weight else []
         position_ids += range(tail)
         boundaries.append(len(input_ids))
-    return {
+    batch = {
         "input_ids": torch.tensor([input_ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
         "position_ids": torch.tensor([position_ids], dtype=torch.long),
         "cu_seq_lens": torch.tensor(boundaries, dtype=torch.int32),
     }
+    if instruction_weight:
+        batch["instruction_labels"] = torch.tensor([instruction_labels], dtype=torch.long)
+    return batch
 
 
 def _rng(seed: int, epoch: int) -> random.Random:

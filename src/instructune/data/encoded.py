@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import compress
@@ -9,6 +10,15 @@ from itertools import compress
 ROLE_NAMES = ("other", "system", "user", "assistant", "tool", "text")
 """Per-token role codes: index into this tuple. `other` is template text outside any message (BOS, separators)."""
 ROLE_CODE = {name: code for code, name in enumerate(ROLE_NAMES)}
+
+MAX_NAMED_DROPS = 10_000
+"""A report names at most this many dropped rows (the first ones, in row order); `dropped` counts them all.
+A million-row source with a bad setting would otherwise carry a million (row, reason) tuples."""
+
+
+def length_array(values=()) -> array:
+    """A compact array of row lengths (4 bytes a row, where a list of ints takes 36)."""
+    return array("i", values)
 
 
 @dataclass
@@ -43,14 +53,15 @@ class PreparationReport:
     dropped: dict[str, int] = field(default_factory=dict)
     """Rows not kept, by reason (`bad_row`, `no_trained_tokens`, `too_long`, `content_not_found`, ...)."""
     drops: list[tuple[int, str]] = field(default_factory=list)
-    """Each row not kept as (row index, reason), in row order: `dropped` row by row."""
+    """Rows not kept as (row index, reason), in row order: `dropped` row by row, for the first
+    `MAX_NAMED_DROPS` of them (all of them unless more were dropped)."""
     truncated: int = 0
     tokens_total: int = 0
     tokens_trained: int = 0
     tokens_per_role: dict[str, int] = field(default_factory=dict)
     trained_per_role: dict[str, int] = field(default_factory=dict)
-    lengths: list[int] = field(default_factory=list)
-    """Token length of every kept row, in order."""
+    lengths: array = field(default_factory=length_array)
+    """Token length of every kept row, in order (an `array('i')`: compact for millions of rows)."""
     warnings: dict[str, int] = field(default_factory=dict)
     """Rows kept with a caveat, by kind (e.g. `no_closing_token`: the template closes turns with nothing)."""
     bad_row_messages: list[str] = field(default_factory=list)
@@ -77,7 +88,8 @@ class PreparationReport:
     def drop_row(self, row: int, reason: str) -> None:
         """Account for one row not kept, naming it."""
         self.count_drop(reason)
-        self.drops.append((row, reason))
+        if len(self.drops) < MAX_NAMED_DROPS:
+            self.drops.append((row, reason))
 
     def add_expanded(self, rows: list[EncodedRow]) -> None:
         """Account for the rows of one expanded conversation (after `add_row` of each)."""
@@ -112,4 +124,11 @@ class PreparationReport:
                 mine[key] = mine.get(key, 0) + n
         self.notes.update(other.notes)
         self.lengths.extend(other.lengths)
-        self.drops.extend(other.drops)
+        self.add_drops(other.drops)
+
+    def add_drops(self, drops: list[tuple[int, str]]) -> None:
+        """Name `drops` too (already counted in `dropped`), keeping the first `MAX_NAMED_DROPS` in row order."""
+        self.drops.extend(drops)
+        if len(self.drops) > MAX_NAMED_DROPS or drops:
+            self.drops.sort()
+            del self.drops[MAX_NAMED_DROPS:]

@@ -3,6 +3,14 @@
 The cache is keyed by the conversations themselves, the tokenizer, the template text and the
 options that shape rows (`EncodingOptions.row_settings`), so a second run with the same inputs loads
 the encoded rows instead of encoding them again, and any change to one of those inputs encodes afresh.
+
+With the cache on (the default), preparation streams: a first pass reads the source row by row to
+compute the key (nothing is kept), and on a miss a second pass reads it again in chunks of
+`SHARD_ROWS` conversations, which worker processes encode and write to the cache as shards
+(`data/shards.py`) as they go. Memory holds a few chunks, whatever the size of the source; a run
+that is interrupted leaves its finished shards, and the next run with the same inputs encodes only
+the rest. The rows come back memory-mapped (`shards.ShardedRows`). With the cache off
+(`cache_dir=False`), the rows are encoded into a list in memory, as for one-off evaluation.
 """
 
 from __future__ import annotations
@@ -13,12 +21,10 @@ import json
 import multiprocessing
 import os
 import shlex
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import numpy as np
 
 import instructune
 from instructune.cache import cache_dir as default_cache_dir
@@ -26,25 +32,54 @@ from instructune.data.conversation import Conversation
 from instructune.data.encode import ConversationEncoder, DropRow
 from instructune.data.encoded import EncodedRow, PreparationReport
 from instructune.data.options import DEFAULT_ENCODING, EncodingOptions
-from instructune.data.readers import read_conversations
+from instructune.data.shards import finished_shard, lengths_of, load_manifest, write_manifest, write_shard
+from instructune.data.stream import StreamTally, chunked, stream_conversations
 from instructune.data.templates import add_template_tokens, resolve_template
 from instructune.errors import UserError
 
 # Below this many rows, starting worker processes costs more than it saves.
 PARALLEL_MIN_ROWS = 2000
+SHARD_ROWS = 4096
+"""Most conversations per shard: large enough that a shard's files and its trip to a worker cost little
+next to encoding it, small enough that a few in flight per worker stay a few MB."""
+MIN_SHARD_ROWS = 256
+"""Fewest conversations per shard (but for the last): smaller sources get 16 shards or fewer, so that the
+workers share them evenly."""
+
+
+def shard_rows(total: int) -> int:
+    """Conversations per shard for a source of `total`: a function of the source alone, so that a
+    resumed run cuts the same chunks."""
+    return min(SHARD_ROWS, max(MIN_SHARD_ROWS, -(-total // 16)))
 
 
 @dataclass
 class PreparedDataset:
-    """Encoded rows ready for batching, with the report of how they were made."""
+    """Encoded rows ready for batching, with the report of how they were made.
 
-    rows: list[EncodedRow]
+    `rows` is a list, or with the cache on a memory-mapped `shards.ShardedRows` (a sequence of
+    `EncodedRow` too: index it, slice it, iterate it).
+    """
+
+    rows: Sequence[EncodedRow]
     report: PreparationReport
     template: str
     """The Jinja template text the rows were rendered with (saved with checkpoints)."""
     from_cache: bool = False
-    conversations: list[tuple[int, Conversation]] = field(default_factory=list)
-    """Every conversation read, kept or dropped, as (row index, conversation)."""
+    read_again: Callable[[], Iterator[tuple[int, Conversation]]] | None = None
+    """Reads the source's conversations again (what `conversations` lists)."""
+    _conversations: list[tuple[int, Conversation]] | None = None
+
+    @property
+    def conversations(self) -> list[tuple[int, Conversation]]:
+        """Every conversation read, kept or dropped, as (row index, conversation).
+
+        Read again from the source the first time it is asked for, so that preparing a large source
+        does not hold them all.
+        """
+        if self._conversations is None:
+            self._conversations = list(self.read_again()) if self.read_again is not None else []
+        return self._conversations
 
 
 def prepare_dataset(data: str | os.PathLike | list[Conversation], tokenizer,
@@ -61,36 +96,58 @@ def prepare_dataset(data: str | os.PathLike | list[Conversation], tokenizer,
     if template_text is None:
         add_template_tokens(tokenizer, options.template)
         template_text = resolve_template(options.template, tokenizer)
-    report = PreparationReport()
-    if isinstance(data, (str, os.PathLike)):
-        read = read_conversations(data, data_format=options.data_format, on_bad_row=options.on_bad_row,
-                                  limit=limit)
-        conversations = read.conversations
-        report.rows_read = read.rows_read
-        for index in read.bad_row_indices:
-            report.drop_row(index, "bad_row")
-        report.bad_row_messages = list(read.bad_row_messages)
-    else:
-        conversations = list(enumerate(data))[:limit]
-        report.rows_read = len(conversations)
-
     encoder = ConversationEncoder(tokenizer, template_text, options)
-    prepared = PreparedDataset(rows=[], report=report, template=template_text, conversations=conversations)
-    cache_path = None
-    if cache_dir is not False:
-        key = _cache_key(conversations, tokenizer, template_text, options)
-        cache_path = Path(cache_dir or default_cache_dir()) / "prepared" / key
-        cached = _load_cache(cache_path, report)
-        if cached is not None:
-            prepared.rows, prepared.from_cache = cached, True
-            return prepared
 
-    prepared.rows, encoding_report = encode_conversations(encoder, conversations, num_proc)
+    def read(tally: StreamTally | None = None) -> Iterator[tuple[int, Conversation]]:
+        if isinstance(data, (str, os.PathLike)):
+            return stream_conversations(data, data_format=options.data_format, on_bad_row=options.on_bad_row,
+                                        limit=limit, tally=tally)
+        conversations = list(enumerate(data))[:limit]
+        if tally is not None:
+            tally.rows_read = tally.conversations = len(conversations)
+        return iter(conversations)
+
+    report, tally = PreparationReport(), StreamTally()
+    prepared = PreparedDataset(rows=[], report=report, template=template_text, read_again=read)
+    if cache_dir is False:
+        conversations = list(read(tally))
+        prepared._conversations = conversations
+        _count_reading(report, tally)
+        prepared.rows, encoding_report = encode_conversations(encoder, conversations, num_proc)
+        report.merge(encoding_report)
+        return prepared
+
+    key = CacheKey(tokenizer, template_text, options)
+    for index, conv in read(tally):  # the key needs every conversation; they are not kept
+        key.add(index, conv)
+    _count_reading(report, tally)
+    entry = Path(cache_dir or default_cache_dir()) / "prepared" / key.hexdigest()
+    stored = load_manifest(entry)
+    prepared.from_cache = stored is not None
+    if stored is None:
+        try:
+            _encode_to_shards(encoder, read(), entry, num_proc, tally.conversations)
+            stored = load_manifest(entry)
+        except OSError:
+            stored = None
+    if stored is None:  # the cache is an optimisation: a read-only or full disk must not stop the run
+        prepared._conversations = list(read())
+        prepared.rows, encoding_report = encode_conversations(encoder, prepared._conversations, num_proc)
+        report.merge(encoding_report)
+        return prepared
+    prepared.rows, encoding_report = stored
+    encoding_report.lengths = lengths_of(prepared.rows)
+    # What reading found (rows read, bad rows) belongs to this run; what encoding found comes from the shards.
     report.merge(encoding_report)
-    report.drops.sort()  # the bad rows of reading and the drops of encoding, in row order
-    if cache_path is not None:
-        _save_cache(cache_path, prepared.rows, report)
     return prepared
+
+
+def _count_reading(report: PreparationReport, tally: StreamTally) -> None:
+    report.rows_read = tally.rows_read
+    if tally.bad_rows:
+        report.count_drop("bad_row", tally.bad_rows)
+    report.add_drops([(index, "bad_row") for index in tally.bad_row_indices])
+    report.bad_row_messages = list(tally.bad_row_messages)
 
 
 def nothing_kept(report: PreparationReport) -> str:
@@ -152,7 +209,8 @@ def encode_conversations(encoder: ConversationEncoder, conversations: list[tuple
     return rows, report
 
 
-_WORKER_STATE: tuple[ConversationEncoder, list] | None = None
+_WORKER_STATE: tuple | None = None
+"""What forked workers inherit: (encoder, conversations) or (encoder, cache entry folder)."""
 
 
 def _encode_in_worker(start: int, end: int):
@@ -188,68 +246,89 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((type(tokenizer).__name__ + specials + vocab).encode()).hexdigest()
 
 
+class CacheKey:
+    """The cache key, fed one (row index, conversation) at a time so that no list of them is needed."""
+
+    def __init__(self, tokenizer, template_text: str, options: EncodingOptions):
+        self._digest = hashlib.sha256()
+        # `entry` changes when what an entry holds changes (2: the report names each dropped row; 3: the
+        # trained turn of expanded rows). Shards hold what an entry 3 held, so the key stays.
+        settings = {"version": instructune.__version__, "entry": 3, **options.row_settings()}
+        for part in (json.dumps(settings, sort_keys=True), template_text, _tokenizer_fingerprint(tokenizer)):
+            self._digest.update(part.encode())
+            self._digest.update(b"\0")
+
+    def add(self, index: int, conv: Conversation) -> None:
+        """Account for the next conversation of the source."""
+        self._digest.update(json.dumps([index, asdict(conv)], ensure_ascii=False, default=str).encode())
+
+    def hexdigest(self) -> str:
+        """The key: a folder name under the cache's `prepared/`."""
+        return self._digest.hexdigest()[:32]
+
+
 def _cache_key(conversations, tokenizer, template_text: str, options: EncodingOptions) -> str:
-    digest = hashlib.sha256()
-    # `entry` changes when what an entry holds changes (2: the report names each dropped row; 3: the
-    # trained turn of expanded rows).
-    settings = {"version": instructune.__version__, "entry": 3, **options.row_settings()}
-    for part in (json.dumps(settings, sort_keys=True), template_text, _tokenizer_fingerprint(tokenizer)):
-        digest.update(part.encode())
-        digest.update(b"\0")
+    key = CacheKey(tokenizer, template_text, options)
     for index, conv in conversations:
-        digest.update(json.dumps([index, asdict(conv)], ensure_ascii=False, default=str).encode())
-    return digest.hexdigest()[:32]
+        key.add(index, conv)
+    return key.hexdigest()
 
 
-def _save_cache(path: Path, rows: list[EncodedRow], report: PreparationReport) -> None:
-    """Write the cache entry into a temporary folder, then rename it into place (never half-written)."""
+def _encode_to_shards(encoder: ConversationEncoder, conversations: Iterator[tuple[int, Conversation]],
+                      entry: Path, num_proc: int | None, total: int) -> None:
+    """Encode `conversations` chunk by chunk into the shards of `entry` (in worker processes for large
+    inputs), keeping the shards a previous run finished; then write the manifest.
+
+    Chunks go to the workers as they are read, at most two per worker ahead of the one being waited
+    for, so memory holds a few chunks whatever the size of the source.
+    """
+    if num_proc is None:
+        num_proc = (os.cpu_count() or 1) if total >= PARALLEL_MIN_ROWS else 1
+    size = shard_rows(total)
+    num_proc = min(num_proc, -(-total // size))
+    parallel = num_proc > 1 and "fork" in multiprocessing.get_all_start_methods()
+    report, shards, pending = PreparationReport(), [], deque()
+    pool = None
+    if parallel:
+        # Forked workers inherit the encoder; each chunk travels to one and only its report comes back.
+        global _WORKER_STATE
+        _WORKER_STATE = (encoder, entry)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        pool = multiprocessing.get_context("fork").Pool(num_proc)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
-        lengths = np.array([len(r.input_ids) for r in rows], dtype=np.int64)
-        np.savez(
-            tmp / "rows.npz",
-            lengths=lengths,
-            row=np.array([r.row for r in rows], dtype=np.int64),
-            truncated=np.array([r.truncated for r in rows], dtype=np.bool_),
-            turn=np.array([-1 if r.turn is None else r.turn for r in rows], dtype=np.int64),
-            input_ids=np.array([t for r in rows for t in r.input_ids], dtype=np.int64),
-            labels=np.array([t for r in rows for t in r.labels], dtype=np.int64),
-            roles=np.array([t for r in rows for t in r.roles], dtype=np.int8),
-        )
-        (tmp / "report.json").write_text(json.dumps(asdict(report)))
-        try:
-            os.replace(tmp, path)
-        except OSError:  # another process wrote the same entry first: theirs is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError:
-        pass  # the cache is an optimisation; a read-only or full disk must not stop the run
+        for number, chunk in enumerate(chunked(conversations, size)):
+            where = {"number": number, "first_row": chunk[0][0], "conversations": len(chunk)}
+            shards.append(where)
+            done = finished_shard(entry, number, first_row=where["first_row"], conversations=len(chunk))
+            if done is not None:
+                pending.append(done)
+            elif pool is not None:
+                pending.append(pool.apply_async(_encode_chunk_in_worker, (number, chunk)))
+            else:
+                pending.append(_encode_chunk(encoder, entry, number, chunk))
+            while len(pending) > 2 * num_proc:
+                report.merge(_result(pending.popleft()))
+        while pending:
+            report.merge(_result(pending.popleft()))
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+            _WORKER_STATE = None
+    write_manifest(entry, shards, report)
 
 
-def _load_cache(path: Path, report: PreparationReport) -> list[EncodedRow] | None:
-    try:
-        arrays = np.load(path / "rows.npz", allow_pickle=False)
-        saved = json.loads((path / "report.json").read_text())
-    except (OSError, ValueError, KeyError):
-        return None
-    # What reading found (rows read, bad rows) belongs to this run; what encoding found comes from the cache.
-    for key, value in saved.items():
-        if key == "dropped":
-            for reason, n in value.items():
-                if reason != "bad_row":
-                    report.count_drop(reason, n)
-        elif key == "drops":
-            cached_drops = [(row, reason) for row, reason in value if reason != "bad_row"]
-            report.drops = sorted(report.drops + cached_drops)
-        elif key not in ("rows_read", "bad_row_messages"):
-            setattr(report, key, value)
-    ends = np.cumsum(arrays["lengths"])
-    starts = ends - arrays["lengths"]
-    input_ids, labels, roles = arrays["input_ids"].tolist(), arrays["labels"].tolist(), arrays["roles"].tolist()
-    turns = arrays["turn"].tolist()
-    return [
-        EncodedRow(row=int(r), input_ids=input_ids[s:e], labels=labels[s:e], roles=roles[s:e], truncated=bool(t),
-                   turn=None if turn < 0 else int(turn))
-        for r, s, e, t, turn in zip(arrays["row"].tolist(), starts.tolist(), ends.tolist(),
-                                    arrays["truncated"].tolist(), turns)
-    ]
+def _result(pending) -> PreparationReport:
+    return pending if isinstance(pending, PreparationReport) else pending.get()
+
+
+def _encode_chunk(encoder: ConversationEncoder, entry: Path, number: int, chunk: list) -> PreparationReport:
+    """Encode one chunk, write it as shard `number`, and return its report."""
+    rows, report = _encode_range(encoder, chunk, 0, len(chunk))
+    write_shard(entry, number, rows, report, first_row=chunk[0][0], conversations=len(chunk))
+    return report
+
+
+def _encode_chunk_in_worker(number: int, chunk: list) -> PreparationReport:
+    encoder, entry = _WORKER_STATE
+    return _encode_chunk(encoder, entry, number, chunk)

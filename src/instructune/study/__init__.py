@@ -1,1 +1,2 @@
-"""Studies built on training and use: the masked-vs-unmasked comparison and the default job."""
+"""Studies built on training and use: the masked-vs-unmasked comparison, the instruction-weight sweep
+(`instructune study`) and the default job."""

@@ -36,6 +36,7 @@ from instructune.data.options import (
 from instructune.errors import UserError
 from instructune.model.load import DEFAULT_MODEL
 from instructune.model.lora import LORA_SETTINGS, _lora_config_kwargs
+from instructune.train.trackers import check_report_to
 from instructune.train.yaml_file import read_yaml_mapping
 
 DEFAULT_LR_FULL = 2e-5
@@ -59,6 +60,7 @@ CHOICES = {
     "dtype": ("auto", "float32", "bfloat16"),
     "distributed": ("ddp", "fsdp"),
     "save_optimizer": ("last", "all", "none"),
+    "export_gguf_type": ("f32", "f16", "q8_0"),
 }
 
 
@@ -83,6 +85,8 @@ class TrainConfig:
     """Weight dtype; auto: float32 on CPU (bf16 is ~100x slower there), bfloat16 on CUDA."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower; off unless memory demands it)."""
+    max_tokens_per_forward: int | None = None
+    """Most tokens per forward pass: micro-batches are split (same loss), a longer row recomputes its activations; null: from free memory, 0: no limit."""
     fused_layers: bool = True
     """Lean RMSNorm and gated-MLP backward for known families: same outputs, ~1/3 fewer saved activations."""
 
@@ -139,6 +143,8 @@ class TrainConfig:
     """Optimizer steps to run; overrides `epochs` when set."""
     loss_normalization: str = "token"
     """token: sum over every trained token of the step / their count; sequence: mean of per-row means."""
+    instruction_weight: float = 0.0
+    """Loss weight in [0, 1] of the non-response tokens (system, user, tool, template text; never BOS): 0 masks them."""
     packing: bool = False
     """Pack several rows into each sequence (positions reset per row, no attention across rows)."""
     padding_free: bool = True
@@ -163,6 +169,12 @@ class TrainConfig:
     """Start afresh in an `output_dir` that already holds a run, deleting its checkpoints."""
     log_every: int = 10
     """Print a progress line every this many steps when the output is not a terminal."""
+    report_to: str | list = "none"
+    """Experiment trackers fed every metrics.jsonl value: none, tensorboard, trackio, or a list of them."""
+    export_gguf: str | None = None
+    """At the end, also write the final model as this GGUF file for llama.cpp (LoRA merged); null: don't."""
+    export_gguf_type: str = "f16"
+    """How `export_gguf` stores weights: f32 (exact), f16, or q8_0 (8-bit blocks); norms stay f32."""
 
     # Several processes (torchrun)
     distributed: str = "ddp"
@@ -266,6 +278,8 @@ def _check_lora(value: Any) -> dict | None:
 def _check_value(name: str, value: Any) -> Any:
     if name == "lora":
         return _check_lora(value)
+    if name == "report_to":
+        return check_report_to(value)
     hint = _HINTS[name]
     value = _coerce(value, hint)
     if name in CHOICES and value is not None and value not in CHOICES[name]:
@@ -310,6 +324,8 @@ def _check_ranges(config: TrainConfig) -> list[tuple[str, str]]:
         problems.append(("merge_lora", "needs `lora` (there is no adapter to merge in full fine-tuning)"))
     if config.resume and config.overwrite:
         problems.append(("overwrite", "cannot be combined with resume: true"))
+    if config.export_gguf is not None and not str(config.export_gguf).lower().endswith(".gguf"):
+        problems.append(("export_gguf", f"should name a .gguf file, got {config.export_gguf!r}"))
     return problems
 
 

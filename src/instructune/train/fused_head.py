@@ -42,10 +42,16 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     gathered from it, its exp (the softmax) minus the one-hot targets as the logits' gradient, and the
     two products of that with the rows and the weight. The kept gradients are scaled in place in
     backward, which may therefore run once (no `retain_graph`).
+
+    With `target_weights` ([N] fp32, the instruction weight's per-target weights) the loss is
+    Σ weight x -log p and each row's logits gradient is multiplied by its weight before the products;
+    the per-target -log p are returned too (third output, not differentiable). Without them (None),
+    the third output is empty and nothing else changes.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap, count_correct, spare):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap, count_correct, spare,
+                target_weights=None):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         n = hidden.shape[0]
         chunk_size = max(1, min(chunk_size, n))
@@ -56,6 +62,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
         plain = weight.dtype == torch.float32 and bias is None and scale == 1.0 and softcap is None
         logits_buffer = torch.empty(chunk_size, weight.shape[0], dtype=torch.float32, device=hidden.device)
+        per_target = torch.empty(n if target_weights is not None else 0, dtype=torch.float32, device=hidden.device)
         logp_buffer = torch.empty_like(logits_buffer)
         for start in range(0, n, chunk_size):
             rows = hidden[start:start + chunk_size]
@@ -65,7 +72,11 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             else:
                 logits = transform_logits(F.linear(rows, weight, bias).float(), scale, softcap)
             logp = torch.log_softmax(logits, dim=-1, out=logp_buffer[:rows.shape[0]])
-            loss -= logp.gather(1, tgt[:, None]).sum()
+            if target_weights is None:
+                loss -= logp.gather(1, tgt[:, None]).sum()
+            else:
+                nll = torch.neg(logp.gather(1, tgt[:, None])[:, 0], out=per_target[start:start + chunk_size])
+                loss += (nll * target_weights[start:start + chunk_size]).sum()
             if count_correct:
                 correct += (logits.argmax(dim=-1) == tgt).sum()
             # d(-log softmax[target]) / d logits = softmax - onehot(target), computed in place.
@@ -75,6 +86,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 grad.mul_(1.0 - (logits / softcap).square())
             if scale != 1.0:
                 grad.mul_(scale)
+            if target_weights is not None:  # d(w * nll) / d logits = w * d nll / d logits, row by row
+                grad.mul_(target_weights[start:start + chunk_size, None])
             grad = grad.to(weight.dtype)
             if need_hidden:
                 torch.mm(grad, weight, out=grad_hidden[start:start + chunk_size])
@@ -92,11 +105,11 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             grad_weight = spare.zero_() if _fits(spare, weight, plain) else torch.zeros_like(weight, dtype=torch.float32)
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.param_dtype = weight.dtype
-        ctx.mark_non_differentiable(correct)
-        return loss, correct
+        ctx.mark_non_differentiable(correct, per_target)
+        return loss, correct, per_target
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_correct):
+    def backward(ctx, grad_loss, _grad_correct, _grad_per_target):
         if ctx.grads is None:
             raise RuntimeError("the fused LM-head loss can be back-propagated only once (no retain_graph)")
         grad_hidden, grad_weight, grad_bias = ctx.grads
@@ -108,7 +121,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             grad_weight = grad_weight.mul_(grad_loss).to(ctx.param_dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.mul_(grad_loss).to(ctx.param_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _fits(spare: torch.Tensor | None, weight: torch.Tensor, plain: bool) -> bool:
@@ -154,12 +167,16 @@ def keep_gradient_for_reuse(weight: torch.Tensor) -> None:
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                targets: torch.Tensor, chunk_size: int, scale: float, softcap: float | None,
-                               count_correct: bool, parameter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                               count_correct: bool, parameter: torch.Tensor,
+                               target_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """(Σ -log p of `targets`, correct argmax count) through `FusedLinearCrossEntropy`.
 
     `weight` is what the head multiplies by (it may be a view of `parameter`, see loss._LateGrad);
     `parameter` is the head's weight itself, whose recycled gradient (`keep_gradient_for_reuse`) the
-    head gradient is written into when there is one.
+    head gradient is written into when there is one. With `target_weights` ([N] fp32): (Σ weight x -log p,
+    correct count, per-target -log p [N]).
     """
-    return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, scale, softcap, count_correct,
-                                         _take_spare(parameter))
+    loss, correct, per_target = FusedLinearCrossEntropy.apply(
+        hidden, weight, bias, targets, chunk_size, scale, softcap, count_correct, _take_spare(parameter),
+        target_weights)
+    return (loss, correct) if target_weights is None else (loss, correct, per_target)

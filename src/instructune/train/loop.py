@@ -7,7 +7,9 @@
    resumed run trains on exactly the batches the interrupted one would have;
 2. count the step's targets once, over all its micro-batches and ranks (`step_plan.step_counts`, one
    all-reduce);
-3. for each micro-batch: the selective-head loss *sum* divided by that count, backward;
+3. for each micro-batch: the selective-head loss *sum* divided by that count, backward; with a token
+   budget (`max_tokens_per_forward`), a micro-batch runs as several forward passes of whole rows, and
+   a row longer than the budget recomputes its activations in backward (`recompute.recomputing`);
 4. clip, set the scheduled learning rate, AdamW step; one host sync to read the loss.
 
 Several ranks (`torchrun`, see `instructune.train.distributed`): the step's micro-batches are the same as on
@@ -27,6 +29,8 @@ import torch
 
 from instructune.data.batching import collate_packed, collate_padded, pad_token_id
 from instructune.data.encoded import EncodedRow
+from instructune.data.shards import row_lengths
+from instructune.data.weights import tokenizer_prefix_length
 from instructune.errors import UserError
 from instructune.model.varlen_attention import takes_row_boundaries
 from instructune.train.checkpoint import latest_checkpoint, quiet_saving, save_checkpoint
@@ -35,9 +39,11 @@ from instructune.train.distributed import NoMetrics, shutdown, without_targets
 from instructune.train.loss import recycle_head_gradient, row_mean_sum
 from instructune.train.metrics import MetricsLogger, ProgressReporter, plot_losses
 from instructune.train.optim import grad_norm, lr_at, set_lr
+from instructune.train.recompute import recomputing
 from instructune.train.setup import TrainingRun, removed_if_unused, setup_run
 from instructune.train.step_plan import step_counts
 from instructune.train.threads import cpu_thread_governor
+from instructune.train.trackers import require_trackers
 
 __all__ = ["TrainResult", "TrainingRun", "collate_rows", "evaluate", "evaluate_all", "fit", "setup_run", "train"]
 
@@ -47,12 +53,19 @@ def collate_rows(run: TrainingRun, rows: list[EncodedRow]) -> dict[str, torch.Te
     boundaries (`padding_free`), else rows padded to the longest."""
     pad = pad_token_id(run.tokenizer)
     flat = run.config.packing or (run.config.padding_free and takes_row_boundaries(run.model))
-    return collate_packed(rows, pad) if flat else collate_padded(rows, pad)
+    collate = collate_packed if flat else collate_padded
+    if not run.config.instruction_weight:
+        return collate(rows, pad)
+    # Instruction targets too (docs/masking.md, "Instruction weight"); the tokenizer's BOS never is one.
+    return collate(rows, pad, instruction_weight=run.config.instruction_weight,
+                   prefix_length=tokenizer_prefix_length(run.tokenizer))
 
 
 def _collate(run: TrainingRun, indices: list[int]) -> dict[str, torch.Tensor]:
     if not indices:  # this rank's share of the micro-batch is empty: a row without targets keeps it in step
-        return without_targets(_collate(run, [0]))
+        filler = without_targets(_collate(run, [run.plan.filler_row]))
+        filler.pop("instruction_labels", None)  # no instruction targets either: the share is an exact zero
+        return filler
     return collate_rows(run, [run.train_rows[i] for i in indices])
 
 
@@ -66,7 +79,8 @@ def evaluate(run: TrainingRun, eval_rows: list[EncodedRow] | None = None) -> dic
     eval_rows = run.eval_rows if eval_rows is None else eval_rows
     run.model.eval()
     pad = pad_token_id(run.tokenizer)
-    order = sorted(range(len(eval_rows)), key=lambda i: len(eval_rows[i]))
+    lengths = row_lengths(eval_rows)  # memory-mapped rows are not built just to be measured
+    order = sorted(range(len(eval_rows)), key=lengths.__getitem__)
     loss_sum = torch.zeros((), dtype=torch.float64)
     correct, targets = 0, 0
     size, parallel = run.config.batch_size, run.parallel
@@ -93,21 +107,39 @@ def evaluate_all(run: TrainingRun) -> dict[str, float]:
     return metrics
 
 
-def _optimizer_step(run: TrainingRun, batches: list[dict[str, torch.Tensor]], denominator: int,
-                    lr: float) -> tuple[float, float]:
-    """One optimizer step over `batches`; returns (loss, grad norm before clipping)."""
+def accumulate_gradients(run: TrainingRun, batches: list[dict[str, torch.Tensor]], denominator: float,
+                         recompute: list[bool] | None = None, parts: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward and backward over the step's forward passes, each loss sum divided by the step's
+    `denominator`; `recompute[i]`: forward i checkpoints its activations. Returns this rank's loss.
+
+    With an instruction weight, `parts` ([2], on the device) receives this rank's unweighted sums of
+    -log p over the response targets and over the instruction targets (for their separate curves)."""
     config = run.config
-    set_lr(run.optimizer, lr)
+    # Only with a weight is the option passed at all: w = 0 runs the masked loss exactly as before.
+    options = {"instruction_weight": config.instruction_weight} if config.instruction_weight else {}
     total = torch.zeros((), device=run.device)
     for index, batch in enumerate(batches):
         batch = _to_device(batch, run.device)
         sync = index == len(batches) - 1  # DDP sums the ranks' gradients once, in the last backward
-        if config.loss_normalization == "token":
-            loss = run.parallel.loss(batch, sync=sync).loss_sum / denominator
-        else:
-            loss = row_mean_sum(run.parallel.loss(batch, sync=sync, per_row=True)) / denominator
+        with recomputing(run.model, bool(recompute and recompute[index])):
+            out = run.parallel.loss(batch, sync=sync, per_row=config.loss_normalization != "token", **options)
+            loss = (out.loss_sum if config.loss_normalization == "token" else row_mean_sum(out)) / denominator
         loss.backward()
         total += loss.detach()
+        if parts is not None and out.response_loss_sum is not None:
+            parts += torch.stack([out.response_loss_sum, out.instruction_loss_sum]).to(parts)
+    return total
+
+
+def _optimizer_step(run: TrainingRun, batches: list[dict[str, torch.Tensor]], denominator: float,
+                    lr: float, recompute: list[bool] | None = None,
+                    parts: list[float] | None = None) -> tuple[float, float]:
+    """One optimizer step over `batches`; returns (loss, grad norm before clipping). With an instruction
+    weight, `parts` (a list) receives the step's summed response and instruction -log p, all ranks."""
+    config = run.config
+    set_lr(run.optimizer, lr)
+    sums = torch.zeros(2, device=run.device) if config.instruction_weight and parts is not None else None
+    total = accumulate_gradients(run, batches, denominator, recompute, sums)
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     if run.parallel.sharded:  # FSDP: torch's clipping knows how to reduce the norm over the shards
         norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf, foreach=True)
@@ -117,6 +149,10 @@ def _optimizer_step(run: TrainingRun, batches: list[dict[str, torch.Tensor]], de
     run.optimizer.grad_scale = None
     recycle_head_gradient(run.model)  # its memory stays mapped for the next step's head
     run.optimizer.zero_grad(set_to_none=True)
+    if sums is not None:  # the parts ride along in the same single all-reduce
+        loss, *summed = run.parallel.sum(total, *sums)
+        parts[:] = summed
+        return loss, float(norm)
     return run.parallel.sum(total)[0], float(norm)  # the step's one host sync (and all-reduce of the loss)
 
 
@@ -161,6 +197,8 @@ class TrainResult:
     last_loss: float | None
     eval_metrics: dict[str, float] | None
     merged: Path | None = None
+    gguf: Path | None = None
+    """The GGUF file written at the end (`export_gguf`), or None."""
 
 
 def fit(run: TrainingRun, *, console=None) -> TrainResult:
@@ -170,7 +208,10 @@ def fit(run: TrainingRun, *, console=None) -> TrainResult:
     console = (console or Console(highlight=False, soft_wrap=True)) if run.parallel.is_main else Console(quiet=True)
     config, total_steps = run.config, run.plan.total_steps()
     resume_step = run.start_step if run.resumed_from else None
-    logger = MetricsLogger(run.output_dir, resume_step=resume_step) if run.parallel.is_main else NoMetrics()
+    logger = (MetricsLogger(run.output_dir, resume_step=resume_step, report_to=config.report_to,
+                            config=config.to_dict()) if run.parallel.is_main else NoMetrics())
+    for tracker in getattr(logger, "trackers", ()):  # rank 0 alone reports (NoMetrics has none)
+        console.print(tracker.note, markup=False, highlight=False)
     progress = ProgressReporter(console, total_steps, run.start_step, run.state["tokens"], config.log_every)
     last_loss, eval_metrics, epoch = None, None, 0
     started = time.perf_counter() - run.state["elapsed_s"]
@@ -180,14 +221,16 @@ def fit(run: TrainingRun, *, console=None) -> TrainResult:
             if governor is not None and (threads := governor.update()) is not None:
                 console.print(f"other processes are using the CPU: {threads} thread(s) now", markup=False)
             step_start = time.perf_counter()
-            epoch, groups = run.plan.step(step)
+            epoch, groups, recompute = run.plan.step_forwards(step)
             batches = [_collate(run, group) for group in groups]
-            tokens = sum(len(run.train_rows[i]) for group in groups for i in group)
-            denominator, targets, tokens = step_counts(batches, config.loss_normalization, tokens, run.parallel)
+            tokens = sum(run.plan.lengths[i] for group in groups for i in group)
+            denominator, targets, tokens, instruction = step_counts(
+                batches, config.loss_normalization, tokens, run.parallel, config.instruction_weight)
             run.parallel.seed_step(config.seed, step)
             lr = lr_at(step, peak=config.lr, total_steps=total_steps, warmup_steps=config.warmup_steps,
                        schedule=config.schedule)
-            last_loss, grad_norm = _optimizer_step(run, batches, denominator, lr)
+            parts: list[float] = []
+            last_loss, grad_norm = _optimizer_step(run, batches, denominator, lr, recompute, parts)
             if not math.isfinite(last_loss):
                 raise UserError(f"the loss became {last_loss} at step {step + 1}; lower lr (now {lr:.2g}) or "
                                 "check the data; the last good checkpoint is kept")
@@ -198,6 +241,10 @@ def fit(run: TrainingRun, *, console=None) -> TrainResult:
             record = {"split": "train", "step": step + 1, "epoch": epoch, "loss": last_loss, "grad_norm": grad_norm,
                       "lr": lr, "tokens": run.state["tokens"], "trained_tokens": run.state["trained_tokens"],
                       "tokens_per_s": tokens / max(now - step_start, 1e-9), "elapsed_s": run.state["elapsed_s"]}
+            if parts:  # instruction weight: `loss` is the weighted one; these two stay comparable across weights
+                run.state["instruction_tokens"] = run.state.get("instruction_tokens", 0) + instruction
+                record.update(response_loss=parts[0] / max(targets, 1), instruction_loss=parts[1] / max(instruction, 1),
+                              instruction_tokens=run.state["instruction_tokens"])
             logger.log(record)
             progress.update(step + 1, record)
             done = step + 1 == total_steps
@@ -219,7 +266,18 @@ def fit(run: TrainingRun, *, console=None) -> TrainResult:
     if run.parallel.is_main:
         plot_losses(run.output_dir)
     merged = _write_merged(run) if config.merge_lora and run.parallel.is_main else None
-    return TrainResult(run.output_dir, checkpoint, total_steps, last_loss, eval_metrics, merged)
+    gguf = _export_gguf(config, checkpoint, console) if config.export_gguf and run.parallel.is_main else None
+    return TrainResult(run.output_dir, checkpoint, total_steps, last_loss, eval_metrics, merged, gguf)
+
+
+def _export_gguf(config: TrainConfig, checkpoint: Path, console) -> Path:
+    """Write the final checkpoint as `export_gguf`, read back from disk as `instructune export` does (a LoRA
+    adapter merged into its base), so the file is the same whichever way it was made."""
+    from instructune.model.export import export_gguf
+
+    out = export_gguf(str(checkpoint), config.export_gguf, kind=config.export_gguf_type, overwrite=True)
+    console.print(f"GGUF ({config.export_gguf_type}) written to {out}", markup=False)
+    return out
 
 
 def _write_merged(run: TrainingRun) -> Path:
@@ -240,6 +298,11 @@ def _write_merged(run: TrainingRun) -> Path:
 def train(config: TrainConfig, *, name: str = "default", console=None) -> TrainResult:
     """Set up and run a whole training run; see the module docstring."""
     try:
+        require_trackers(config.report_to)  # a missing tracker library stops the run before any work
+        if config.export_gguf and not (config.overwrite or config.resume):
+            from instructune.model.export import check_output
+
+            check_output(config.export_gguf, overwrite=False)  # refuse before training, not after it
         run = setup_run(config, name=name, console=console)
         with removed_if_unused(run):  # a run that fails before its first checkpoint leaves no empty folder
             return fit(run, console=console)

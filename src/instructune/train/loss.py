@@ -17,6 +17,14 @@ Normalisation is the caller's job, because only the caller sees the whole optimi
   Call ``masked_lm_loss(..., per_row=True)``, sum ``row_mean_sum(out)`` over the step's micro-batches
   and divide by ``step_row_count(all micro-batches)`` (all-reduced over ranks too).
 
+**Instruction weight** (``instruction_weight: w``, docs/masking.md, "Instruction weight"): a batch collated
+with w > 0 also carries ``instruction_labels``, and ``masked_lm_loss(..., instruction_weight=w)`` scores
+those targets too, each position's cross-entropy times its weight (1 for a response, w for an
+instruction). The head sees exactly the positions of nonzero weight. The token denominator is the
+sum of the step's weights, ``n_response + w * n_instruction`` over every micro-batch and rank
+(`step_plan.step_counts`); sequence normalisation divides each row's weighted sum by its weight sum.
+With w = 0 (the default) nothing of this runs: the code path is the masked one, bit for bit.
+
 Batches come from `instructune.data.batching`: padded (`input_ids`, `labels`, `attention_mask`) or
 packed (`input_ids`, `labels`, `position_ids`, `cu_seq_lens`, batch size 1, no `attention_mask`).
 """
@@ -43,6 +51,7 @@ from instructune.train.fused_head import (
 
 __all__ = [
     "LossOutput",
+    "count_instruction_targets",
     "count_targets",
     "masked_lm_loss",
     "recycle_head_gradient",
@@ -69,11 +78,30 @@ class LossOutput:
     """Per-row sums of -log p, differentiable, shape [rows] (only with `per_row=True`)."""
     row_num_targets: torch.Tensor | None = None
     """Per-row target counts, shape [rows] (only with `per_row=True`)."""
+    response_loss_sum: torch.Tensor | None = None
+    """With an instruction weight: Σ -log p over the response targets alone (weight 1), detached."""
+    instruction_loss_sum: torch.Tensor | None = None
+    """With an instruction weight: Σ -log p over the instruction targets, unweighted, detached."""
+    num_instruction_targets: int = 0
+    """With an instruction weight: how many instruction targets `loss_sum` also sums over (times w)."""
+    row_weight_sums: torch.Tensor | None = None
+    """With an instruction weight and `per_row=True`: each row's sum of target weights, shape [rows]."""
 
 
 def count_targets(labels: torch.Tensor) -> int:
     """Number of scored targets after the shift: labels[..., 1:] != -100."""
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+def count_instruction_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Instruction targets after the shift (scored at the instruction weight); 0 without `instruction_labels`."""
+    instruction = batch.get("instruction_labels")
+    return 0 if instruction is None else count_targets(instruction)
+
+
+def _weighted(batch: dict[str, torch.Tensor], instruction_weight: float) -> bool:
+    """Whether the instruction-weight path runs: a weight above 0 and a batch collated with it."""
+    return instruction_weight > 0 and "instruction_labels" in batch
 
 
 def step_normalizer(micro_batches: Sequence[dict[str, torch.Tensor]]) -> int:
@@ -101,15 +129,28 @@ def row_target_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.bincount(row_ids[..., :-1][scored], minlength=num_rows)
 
 
-def step_row_count(micro_batches: Sequence[dict[str, torch.Tensor]]) -> int:
-    """The sequence-normalisation denominator: rows with at least one target, over the step's micro-batches."""
-    return sum(int((row_target_counts(batch) > 0).sum()) for batch in micro_batches)
+def step_row_count(micro_batches: Sequence[dict[str, torch.Tensor]], instruction_weight: float = 0.0) -> int:
+    """The sequence-normalisation denominator: rows with at least one target, over the step's micro-batches.
+
+    With an instruction weight above 0, a row whose only targets are instruction targets counts too.
+    """
+    total = 0
+    for batch in micro_batches:
+        counts = row_target_counts(batch)
+        if _weighted(batch, instruction_weight):
+            counts = counts + row_target_counts({**batch, "labels": batch["instruction_labels"]})
+        total += int((counts > 0).sum())
+    return total
 
 
 def row_mean_sum(out: LossOutput) -> torch.Tensor:
     """Σ over rows with targets of (row loss sum / row target count); needs `per_row=True`."""
     if out.row_loss_sums is None or out.row_num_targets is None:
         raise ValueError("row_mean_sum needs masked_lm_loss(..., per_row=True)")
+    if out.row_weight_sums is not None:  # instruction weight: each row's weighted sum over its weight sum
+        has_targets = out.row_weight_sums > 0
+        counts = torch.where(has_targets, out.row_weight_sums, torch.ones_like(out.row_weight_sums))
+        return torch.where(has_targets, out.row_loss_sums / counts, torch.zeros_like(out.row_loss_sums)).sum()
     has_targets = out.row_num_targets > 0
     counts = out.row_num_targets.clamp(min=1).to(out.row_loss_sums.dtype)
     # A row without targets contributes an exact (graph-connected) zero, never 0/0.
@@ -195,11 +236,15 @@ def _right_padded_on_cpu(mask: torch.Tensor) -> bool:
     return mask.device.type == "cpu" and mask.dim() == 2 and bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
-def _gather_targets(model: nn.Module, batch: dict[str, torch.Tensor], *, fused_training: bool = False):
-    """Run the body; return (hidden rows [N, H], targets [N], head, head weight, scale, softcap, selection).
+def _gather_targets(model: nn.Module, batch: dict[str, torch.Tensor], *, fused_training: bool = False,
+                    instruction_weight: float = 0.0):
+    """Run the body; return (hidden rows [N, H], targets [N], head, head weight, scale, softcap, selection,
+    target weights [N] or None).
 
     With `fused_training` and an LM head tied to the input embedding, the body runs with a sparse
-    embedding gradient and the head reads its weight through `_LateGrad`; see `_tied_embedding`.
+    embedding gradient and the head reads its weight through `_LateGrad`; see `_tied_embedding`. With an
+    instruction weight above 0 (and `instruction_labels` in the batch), the instruction targets are
+    gathered too, in row-major order with the response targets; a position of weight 0 is never gathered.
     """
     body, head, config = split_model(model)
     inputs = _body_inputs(batch, getattr(config, "_attn_implementation", None))
@@ -217,10 +262,18 @@ def _gather_targets(model: nn.Module, batch: dict[str, torch.Tensor], *, fused_t
                 embedding.sparse = False
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     labels = batch["labels"].to(hidden.device)
+    weights = None
+    if _weighted(batch, instruction_weight):
+        response = labels != IGNORE_INDEX
+        labels = torch.where(response, labels, batch["instruction_labels"].to(hidden.device))
+        # Response 1, instruction w: in fp32, so w = 1 multiplies by an exact 1.
+        position_weights = torch.where(response, 1.0, float(instruction_weight)).to(torch.float32)[:, 1:]
     shifted = labels[:, 1:]
     selected = shifted != IGNORE_INDEX
+    if _weighted(batch, instruction_weight):
+        weights = position_weights[selected]
     scale, softcap = _logit_transform(config)
-    return hidden[:, :-1][selected], shifted[selected], head, weight, scale, softcap, selected
+    return hidden[:, :-1][selected], shifted[selected], head, weight, scale, softcap, selected, weights
 
 
 def _tied_embedding(model: nn.Module, head: nn.Module) -> nn.Embedding | None:
@@ -306,7 +359,8 @@ def _per_token_ce(hidden, targets, head, scale, softcap, chunk_size: int,
 
 
 def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, compute_accuracy: bool = False,
-                   max_chunk_tokens: int = 4096, per_row: bool = False) -> LossOutput:
+                   max_chunk_tokens: int = 4096, per_row: bool = False,
+                   instruction_weight: float = 0.0) -> LossOutput:
     """Sum of -log p over the batch's targets through the selective LM head; see the module docstring.
 
     When gradients are needed, the head and cross-entropy run in chunks of at most `max_chunk_tokens`
@@ -314,10 +368,13 @@ def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, compute_
     computed in the forward pass, capping the logits memory at one chunk. Without gradients (evaluation)
     the chunks are `max_chunk_tokens` long. `per_row=True` also returns per-row sums for sequence
     normalisation; it takes the unchunked autograd path, so it does not cap the logits memory.
+    `instruction_weight` > 0 with a batch that has `instruction_labels`: see `_weighted_loss`.
     """
     if max_chunk_tokens < 1:
         raise ValueError("max_chunk_tokens must be at least 1")
-    hidden, targets, head, weight, scale, softcap, selected = _gather_targets(
+    if _weighted(batch, instruction_weight):
+        return _weighted_loss(model, batch, compute_accuracy, max_chunk_tokens, per_row, instruction_weight)
+    hidden, targets, head, weight, scale, softcap, selected, _ = _gather_targets(
         model, batch, fused_training=not per_row)
     num_targets = int(targets.shape[0])
     if not per_row and _use_fused(head, hidden, weight):
@@ -339,11 +396,47 @@ def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, compute_
     return out
 
 
-def token_losses(model: nn.Module, batch: dict[str, torch.Tensor], *, max_chunk_tokens: int = 4096) -> torch.Tensor:
+def _weighted_loss(model: nn.Module, batch: dict[str, torch.Tensor], compute_accuracy: bool,
+                   max_chunk_tokens: int, per_row: bool, instruction_weight: float) -> LossOutput:
+    """`masked_lm_loss` with instruction targets at weight w: `loss_sum` = Σ weight x -log p, with the
+    response and instruction sums beside it (unweighted, detached) so that their curves stay comparable."""
+    hidden, targets, head, weight, scale, softcap, selected, weights = _gather_targets(
+        model, batch, fused_training=not per_row, instruction_weight=instruction_weight)
+    response = (batch["labels"][:, 1:].to(selected.device) != IGNORE_INDEX)[selected]  # the rest: instruction
+    if not per_row and _use_fused(head, hidden, weight):
+        loss_sum, correct, losses = fused_linear_cross_entropy(
+            hidden, weight, head.bias, targets, chunk_rows(max_chunk_tokens, weight.shape[0]), scale, softcap,
+            compute_accuracy, head.weight, target_weights=weights)
+    else:
+        losses, correct = _per_token_ce(hidden, targets, head, scale, softcap, max_chunk_tokens, compute_accuracy)
+        loss_sum = (losses * weights).sum()
+    detached = losses.detach()
+    num_response = int(response.sum())
+    out = LossOutput(loss_sum, num_response, correct if compute_accuracy else None,
+                     response_loss_sum=detached[response].sum(), instruction_loss_sum=detached[~response].sum(),
+                     num_instruction_targets=int(targets.shape[0]) - num_response)
+    if per_row:
+        row_ids, num_rows = _row_ids(batch)
+        row_ids = row_ids.to(losses.device)[:, :-1][selected]
+        out.row_loss_sums = torch.zeros(num_rows, dtype=losses.dtype, device=losses.device).index_add(
+            0, row_ids, losses * weights)
+        out.row_num_targets = torch.bincount(row_ids[response], minlength=num_rows)
+        instruction = torch.bincount(row_ids[~response], minlength=num_rows)
+        # From the counts, in float64: a row's weight sum is exactly n_response + w * n_instruction.
+        out.row_weight_sums = (out.row_num_targets.double() + instruction_weight * instruction.double()).to(
+            losses.dtype)
+    return out
+
+
+def token_losses(model: nn.Module, batch: dict[str, torch.Tensor], *, max_chunk_tokens: int = 4096,
+                 instruction_weight: float = 0.0) -> torch.Tensor:
     """Per-target -log p [N], in the row-major order of `labels[:, 1:] != -100` (same selective path).
 
     Target i is the token at `(b, t + 1)` for the i-th `(b, t)` of `torch.nonzero(labels[:, 1:] != -100)`.
-    Call it under `torch.no_grad()` for evaluation: then only one chunk's logits exist at a time.
+    Call it under `torch.no_grad()` for evaluation: then only one chunk's logits exist at a time. With an
+    `instruction_weight` above 0 and `instruction_labels` in the batch, the instruction targets are in the
+    same order too (unweighted): positions where either label is set.
     """
-    hidden, targets, head, _, scale, softcap, _ = _gather_targets(model, batch)
+    hidden, targets, head, _, scale, softcap, _, _ = _gather_targets(
+        model, batch, instruction_weight=instruction_weight)
     return _per_token_ce(hidden, targets, head, scale, softcap, max_chunk_tokens)[0]

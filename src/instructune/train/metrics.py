@@ -1,4 +1,4 @@
-"""Where the numbers of a run go: `metrics.jsonl`, TensorBoard when installed, a loss-curve PNG.
+"""Where the numbers of a run go: `metrics.jsonl`, the trackers of `report_to`, a loss-curve PNG.
 
 `metrics.jsonl` holds one JSON object per line: one per optimizer step (`"split": "train"`) and
 one per evaluation (`"split": "eval"`). Each line is flushed as it is written, so a killed run
@@ -15,6 +15,8 @@ import time
 from collections import deque
 from pathlib import Path
 from typing import Any
+
+from instructune.train.trackers import close_all, open_trackers
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -35,17 +37,23 @@ def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 class MetricsLogger:
-    """Appends metric records to `metrics.jsonl` and, when `tensorboard` is installed, to TensorBoard."""
+    """Appends metric records to `metrics.jsonl` and sends them to the trackers of `report_to`.
 
-    def __init__(self, output_dir: str | os.PathLike, *, resume_step: int | None = None):
+    The trackers open afresh and first get the records the file keeps (on resume, the steps up to the
+    checkpoint), so they always hold what `metrics.jsonl` holds (see `instructune.train.trackers`).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, resume_step: int | None = None,
+                 report_to: str | list[str] = "none", config: dict[str, Any] | None = None):
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / METRICS_FILE
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         else:
             self._truncate_after(resume_step)
+        self.trackers = open_trackers(report_to, self.output_dir, config=config or {},
+                                      earlier=read_metrics(self.output_dir))
         self._file = self.path.open("a", encoding="utf-8")
-        self._tensorboard = _open_tensorboard(self.output_dir)
 
     def _truncate_after(self, step: int) -> None:
         """Keep the records up to `step`: steps after it are about to be trained again."""
@@ -58,25 +66,13 @@ class MetricsLogger:
         """Write one record (it must carry `step` and `split`)."""
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tensorboard is not None:
-            split = record.get("split", "train")
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self._tensorboard.add_scalar(f"{split}/{key}", value, record["step"])
+        for tracker in self.trackers:
+            tracker.log(record)
 
     def close(self) -> None:
         """Flush and close the outputs."""
         self._file.close()
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-
-
-def _open_tensorboard(output_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        close_all(self.trackers)
 
 
 def plot_losses(output_dir: str | os.PathLike) -> Path | None:
@@ -89,7 +85,9 @@ def plot_losses(output_dir: str | os.PathLike) -> Path | None:
     except ImportError:  # matplotlib is the optional `plot` extra
         return None
     records = read_metrics(output_dir)
-    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train" and _finite(r.get("loss"))]
+    # With an instruction weight `loss` is the weighted loss; the response loss keeps curves comparable.
+    train = [(r["step"], r.get("response_loss", r["loss"])) for r in records
+             if r.get("split") == "train" and _finite(r.get("response_loss", r.get("loss")))]
     evals = [(r["step"], r["loss"]) for r in records if r.get("split") == "eval" and _finite(r.get("loss"))]
     if not train and not evals:
         return None

@@ -20,9 +20,10 @@ import torch
 import yaml
 
 from instructune.data.encoded import EncodedRow
+from instructune.data.shards import row_lengths, select_rows
 from instructune.data.templates import check_template_choice
 from instructune.errors import UserError
-from instructune.model.varlen_attention import use_varlen_attention
+from instructune.model.varlen_attention import takes_row_boundaries, use_varlen_attention
 from instructune.train.checkpoint import (
     CONFIG_FILE,
     latest_checkpoint,
@@ -38,6 +39,7 @@ from instructune.train.config import (
     save_config,
 )
 from instructune.train.distributed import Parallel, init_distributed
+from instructune.train.memory_budget import resolve_tokens_per_forward
 from instructune.train.metrics import METRICS_FILE
 from instructune.train.optim import build_optimizer, default_warmup_steps
 from instructune.train.step_plan import StepPlan
@@ -174,7 +176,9 @@ def _split_rows(rows: list[EncodedRow], config: TrainConfig) -> tuple[list[Encod
     order = list(range(len(rows)))
     random.Random(f"instructune-split-{config.seed}").shuffle(order)
     held = set(order[:count])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    # Positions, not rows: memory-mapped rows (a cached preparation) stay on disk as views.
+    return (select_rows(rows, [i for i in range(len(rows)) if i not in held]),
+            select_rows(rows, [i for i in range(len(rows)) if i in held]))
 
 
 def prepare_splits(config: TrainConfig, tokenizer, console) -> tuple[list[EncodedRow], list[EncodedRow], str]:
@@ -308,12 +312,19 @@ def _setup_in(config: TrainConfig, name: str, output_dir: Path, device: torch.de
     if not train_rows:
         raise UserError(f"{config.data}: no row left to train on")
     tokenizer.chat_template = template  # checkpoints chat with the template they were trained with
-    plan = StepPlan([len(r) for r in train_rows], config, world_size=parallel.world_size, rank=parallel.rank)
+    plan = StepPlan(row_lengths(train_rows), config, world_size=parallel.world_size, rank=parallel.rank)
     config = resolve_config(config, name, plan.total_steps())  # the plan reads no key this changes
 
     # FSDP loads the full weights into CPU memory; sharding then moves each rank's shards to its GPU.
     model = build_model(config, tokenizer, template, torch.device("cpu") if parallel.sharded else device, dtype,
                         resume_from)
+    # The token budget of a forward pass, counted as the batches will be laid out (see loop.collate_rows).
+    plan.padded = not (config.packing or (config.padding_free and takes_row_boundaries(model)))
+    plan.tokens_per_forward = resolve_tokens_per_forward(config.max_tokens_per_forward, model, device,
+                                                         lean_layers=config.fused_layers, broadcast=parallel.broadcast)
+    if config.max_tokens_per_forward is None:
+        console.print(f"forward passes of at most {plan.tokens_per_forward:,} tokens (from free memory; "
+                      "set max_tokens_per_forward to choose)", markup=False)
     parallel.wrap(model)  # before the optimizer: FSDP replaces the parameters with shards
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
     run = TrainingRun(config=config, output_dir=output_dir, model=model, tokenizer=tokenizer, template=template,

@@ -6,6 +6,11 @@ token before it, and its loss is `-ln p` (p = 0.7 costs 0.3567). The masked loss
 minimises, is the mean over the trained (response) tokens; the unmasked loss, what `train_on: all`
 would score, is the mean over every token but the first, which nothing predicts.
 
+With an instruction weight w (`--instruction-weight`, the `instruction_weight` training key), every
+token also shows its weight in the loss: 1 for a trained token, w for the other tokens `train_on: all`
+would score (never the BOS), and the weighted total, Σ weight x loss / Σ weight, sits beside the two
+others: at w = 0 it is the masked loss, at w = 1 (no system prompt) the unmasked one.
+
 A token's *role* says whether it belongs to the response (the assistant's own output and the token
 that closes it, which training on assistant turns scores) or to the instruction (system, user and
 tool turns, role headers, BOS, separators). *Trained* is whether this example's loss scores it: the
@@ -46,11 +51,16 @@ class TokenExplanation:
     """-ln prob; None for the first token."""
     top: list[tuple[str, float]] = field(default_factory=list)
     """The model's most likely tokens at this position (text, probability), at trained positions only."""
+    weight: float | None = None
+    """This token's weight in the loss under an instruction weight (1, w or 0); None when none was given."""
 
     def to_json(self) -> dict:
-        """The JSON object of this token (without the top-k alternatives)."""
-        return {"index": self.index, "id": self.id, "text": self.text, "role": self.role,
+        """The JSON object of this token (without the top-k alternatives; `weight` only when there is one)."""
+        data = {"index": self.index, "id": self.id, "text": self.text, "role": self.role,
                 "trained": self.trained, "prob": self.prob, "loss": self.loss}
+        if self.weight is not None:
+            data["weight"] = self.weight
+        return data
 
 
 @dataclass
@@ -58,6 +68,8 @@ class Explanation:
     """Every token of one example, scored, and the masked and unmasked losses they add up to."""
 
     tokens: list[TokenExplanation]
+    instruction_weight: float | None = None
+    """The instruction weight the tokens' `weight` was computed with; None: no weight was asked for."""
 
     @property
     def trained(self) -> list[TokenExplanation]:
@@ -89,11 +101,36 @@ class Explanation:
         """The mean over every token but the first."""
         return self.unmasked_loss_sum / len(self.scored) if self.scored else float("nan")
 
+    @property
+    def weight_sum(self) -> float:
+        """Σ weight over the scored tokens: what the weighted loss divides by (nan without a weight)."""
+        if self.instruction_weight is None:
+            return float("nan")
+        return math.fsum(t.weight for t in self.scored)
+
+    @property
+    def weighted_loss_sum(self) -> float:
+        """Σ weight x -ln p over the scored tokens: what training sums under the instruction weight."""
+        if self.instruction_weight is None:
+            return float("nan")
+        return math.fsum(t.weight * t.loss for t in self.scored)
+
+    @property
+    def weighted_loss_mean(self) -> float:
+        """The loss training reports for this example under the instruction weight: sum / weight sum."""
+        total = self.weight_sum
+        return self.weighted_loss_sum / total if total > 0 else float("nan")
+
     def to_json(self) -> dict:
-        """`{"tokens": [...], "masked_loss_sum", "masked_loss_mean", "unmasked_loss_sum", "unmasked_loss_mean"}`."""
-        return {"tokens": [t.to_json() for t in self.tokens],
+        """`{"tokens": [...], "masked_loss_sum", "masked_loss_mean", "unmasked_loss_sum", "unmasked_loss_mean"}`,
+        with an instruction weight also `instruction_weight`, `weight_sum`, `weighted_loss_sum`, `weighted_loss_mean`."""
+        data = {"tokens": [t.to_json() for t in self.tokens],
                 "masked_loss_sum": self.masked_loss_sum, "masked_loss_mean": self.masked_loss_mean,
                 "unmasked_loss_sum": self.unmasked_loss_sum, "unmasked_loss_mean": self.unmasked_loss_mean}
+        if self.instruction_weight is not None:
+            data.update(instruction_weight=self.instruction_weight, weight_sum=self.weight_sum,
+                        weighted_loss_sum=self.weighted_loss_sum, weighted_loss_mean=self.weighted_loss_mean)
+        return data
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -127,8 +164,8 @@ def conversation_at(path: str, row: int, data_format: str | None = None) -> Conv
     raise UserError(f"{path}: row {row} is not a valid example; `instructune inspect {path}` says why")
 
 
-def _roles_and_labels(tokenizer, template: str, conv: Conversation) -> tuple[list[int], list[str], list[int]]:
-    """Token ids, per-token role (instruction/response) and the labels this example trains with."""
+def _roles_and_labels(tokenizer, template: str, conv: Conversation):
+    """Token ids, per-token role (instruction/response), the labels this example trains with, and its row."""
     from instructune.data.options import EncodingOptions
     from instructune.data.prepare import prepare_dataset
 
@@ -144,11 +181,13 @@ def _roles_and_labels(tokenizer, template: str, conv: Conversation) -> tuple[lis
                         "`instructune inspect` shows more")
     actual, policy = prepared.rows[0], prepared.rows[-1]
     roles = [ROLE_RESPONSE if label != IGNORE_INDEX else ROLE_INSTRUCTION for label in policy.labels]
-    return actual.input_ids, roles, actual.labels
+    return actual.input_ids, roles, actual.labels, actual
 
 
-def explain_conversation(model, tokenizer, template: str, conv: Conversation, *, top_k: int = 3) -> Explanation:
-    """Encode `conv` as training does and score every token with `model` (see the module docstring)."""
+def explain_conversation(model, tokenizer, template: str, conv: Conversation, *, top_k: int = 3,
+                         instruction_weight: float | None = None) -> Explanation:
+    """Encode `conv` as training does and score every token with `model` (see the module docstring);
+    with `instruction_weight`, also each token's weight in the loss (`data.weights.token_weights`)."""
     from instructune.data.batching import pad_token_id
     from instructune.show.tokens import decode_pieces
     from instructune.use.scoring import score_batch
@@ -158,7 +197,9 @@ def explain_conversation(model, tokenizer, template: str, conv: Conversation, *,
                         "instruction masking of conversations")
     if top_k < 0:
         raise UserError(f"--top-k must be 0 or more, got {top_k}")
-    ids, roles, labels = _roles_and_labels(tokenizer, template, conv)
+    if instruction_weight is not None and not 0 <= instruction_weight <= 1:
+        raise UserError(f"--instruction-weight must be in [0, 1], got {instruction_weight}")
+    ids, roles, labels, row = _roles_and_labels(tokenizer, template, conv)
     scores = score_batch(model, [ids], [range(1, len(ids))], pad_token_id=pad_token_id(tokenizer), top_k=top_k)[0]
     pieces = decode_pieces(tokenizer, ids)
     names: dict[int, str] = {}
@@ -176,7 +217,13 @@ def explain_conversation(model, tokenizer, template: str, conv: Conversation, *,
         top = [(name(i), p) for i, p in zip(scores.top_ids[k], scores.top_probs[k])] if trained and top_k else []
         tokens.append(TokenExplanation(index=position, id=ids[position], text=pieces[position], role=roles[position],
                                        trained=trained, prob=math.exp(log_prob), loss=-log_prob, top=top))
-    return Explanation(tokens)
+    if instruction_weight is not None:
+        from instructune.data.weights import token_weights, tokenizer_prefix_length
+
+        weights = token_weights(row, instruction_weight, tokenizer_prefix_length(tokenizer))
+        for token in tokens:
+            token.weight = weights[token.index]
+    return Explanation(tokens, instruction_weight)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,17 +266,20 @@ def print_explanation(console, explanation: Explanation) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    weighted = explanation.instruction_weight is not None
     table = Table(title=None, show_edge=False, pad_edge=False, header_style="bold")
     for heading, justify in (("#", "right"), ("token", "left"), ("role", "left"), ("trained", "left"),
+                             *((("weight", "right"),) if weighted else ()),
                              ("p", "right"), ("loss", "right"), ("top alternatives", "left")):
         table.add_column(heading, justify=justify, overflow="fold")
     for t in explanation.tokens:
         prob = "" if t.prob is None else format_prob(t.prob)
         loss = "" if t.loss is None else f"{t.loss:.4f}"
         style = "bold green" if t.trained else "grey58"
+        weight = (format_weight(t.weight),) if weighted else ()
         # Text objects, not strings: a token such as `[/INST]` must not be read as rich markup.
-        table.add_row(str(t.index), Text(_token_cell(t.text)), t.role, "yes" if t.trained else "masked", prob, loss,
-                      Text(top_text(t)), style=style)
+        table.add_row(str(t.index), Text(_token_cell(t.text)), t.role, "yes" if t.trained else "masked", *weight,
+                      prob, loss, Text(top_text(t)), style=style)
     console.print(table)
     console.print()
     console.print(totals_table(explanation))
@@ -237,6 +287,26 @@ def print_explanation(console, explanation: Explanation) -> None:
     console.print(f"Training on this example scores its {trained} trained token(s): loss "
                   f"{explanation.masked_loss_mean:.4f}. If the {scored - trained} instruction token(s) counted "
                   f"too, it would be {explanation.unmasked_loss_mean:.4f}.", markup=False, soft_wrap=True)
+    if weighted:
+        console.print(f"With instruction_weight {format_weight(explanation.instruction_weight)}, training scores "
+                      f"it as {explanation.weighted_loss_mean:.4f} (Σ weight x loss / Σ weight).",
+                      markup=False, soft_wrap=True)
+
+
+def format_weight(weight: float | None) -> str:
+    """A token's weight as a short number: `1`, `0.25`, `0`; empty for no weight."""
+    return "" if weight is None else f"{weight:g}"
+
+
+def _totals_rows(explanation: Explanation) -> list[tuple[str, float, float, str]]:
+    """(label, sum, mean, tokens) of each total: masked, unmasked and, with a weight, weighted."""
+    e = explanation
+    rows = [("masked (trained tokens only)", e.masked_loss_sum, e.masked_loss_mean, str(len(e.trained))),
+            ("unmasked (every token but the first)", e.unmasked_loss_sum, e.unmasked_loss_mean, str(len(e.scored)))]
+    if e.instruction_weight is not None:
+        rows.append((f"weighted (instruction_weight {format_weight(e.instruction_weight)})", e.weighted_loss_sum,
+                     e.weighted_loss_mean, f"Σ weight {e.weight_sum:g}"))
+    return rows
 
 
 def totals_table(explanation: Explanation):
@@ -246,10 +316,8 @@ def totals_table(explanation: Explanation):
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     for heading, justify in (("loss", "left"), ("sum", "right"), ("mean", "right"), ("tokens", "right")):
         table.add_column(heading, justify=justify)
-    table.add_row("masked (trained tokens only)", f"{explanation.masked_loss_sum:.4f}",
-                  f"{explanation.masked_loss_mean:.4f}", str(len(explanation.trained)), style="bold green")
-    table.add_row("unmasked (every token but the first)", f"{explanation.unmasked_loss_sum:.4f}",
-                  f"{explanation.unmasked_loss_mean:.4f}", str(len(explanation.scored)))
+    for k, (label, total, mean, tokens) in enumerate(_totals_rows(explanation)):
+        table.add_row(label, f"{total:.4f}", f"{mean:.4f}", tokens, style="bold green" if k == 0 else None)
     return table
 
 
@@ -275,6 +343,7 @@ def explanation_html(explanation: Explanation, *, special: set[int] | None = Non
                                background=None if t.loss is None else loss_colour(t.loss), note=note))
     scale = "".join(f'<span class="swatch" style="background:{loss_colour(x)}">{x:g}</span>'
                     for x in (0, 0.5, 1, 2, 3, 4, 5, 6))
+    weighted = explanation.instruction_weight is not None
     rows = []
     for t in explanation.tokens:
         cells = [str(t.index), escape(_token_cell(t.text)), t.role, "yes" if t.trained else "masked",
@@ -282,18 +351,20 @@ def explanation_html(explanation: Explanation, *, special: set[int] | None = Non
                  escape(top_text(t))]
         style = "" if t.loss is None else f' style="background:{loss_colour(t.loss)}"'
         cells[5] = f"<span class=swatch{style}>&nbsp;</span> {cells[5]}" if t.loss is not None else ""
-        numeric = (0, 4, 5)
+        if weighted:  # the weight column sits after "trained", as in the terminal table
+            cells.insert(4, format_weight(t.weight))
+        numeric = (0, 4, 5, 6) if weighted else (0, 4, 5)
         row = "".join(f"<td{' class=n' if i in numeric else ''}>{c}</td>" for i, c in enumerate(cells))
         rows.append(f'<tr class="{"trained" if t.trained else "masked"}">{row}</tr>')
-    head = "".join(f"<th{' class=n' if i in (0, 4, 5) else ''}>{h}</th>" for i, h in enumerate(
-        ("#", "token", "role", "trained", "p", "loss", "top alternatives")))
-    e = explanation
+    headings = ("#", "token", "role", "trained", *(("weight",) if weighted else ()), "p", "loss", "top alternatives")
+    numeric = (0, 4, 5, 6) if weighted else (0, 4, 5)
+    head = "".join(f"<th{' class=n' if i in numeric else ''}>{h}</th>" for i, h in enumerate(headings))
     totals = (
         "<table><thead><tr><th>loss</th><th class=n>sum</th><th class=n>mean</th><th class=n>tokens</th></tr>"
-        f"</thead><tbody><tr><td>masked (trained tokens only)</td><td class=n>{e.masked_loss_sum:.4f}</td>"
-        f"<td class=n>{e.masked_loss_mean:.4f}</td><td class=n>{len(e.trained)}</td></tr>"
-        f"<tr><td>unmasked (every token but the first)</td><td class=n>{e.unmasked_loss_sum:.4f}</td>"
-        f"<td class=n>{e.unmasked_loss_mean:.4f}</td><td class=n>{len(e.scored)}</td></tr></tbody></table>")
+        "</thead><tbody>" + "".join(f"<tr><td>{escape(label)}</td><td class=n>{total:.4f}</td><td class=n>{mean:.4f}"
+                                    f"</td><td class=n>{escape(tokens)}</td></tr>"
+                                    for label, total, mean, tokens in _totals_rows(explanation))
+        + "</tbody></table>")
     body = [
         "<h1>instructune explain</h1>",
         f'<p class="sub">{escape(subtitle)}</p>' if subtitle else "",
