@@ -1,6 +1,6 @@
 """GGUF export against the Hugging Face model: do llama.cpp's greedy answers match, and do they stop?
 
-    .venv/bin/python bench/gguf_agreement.py runs/default/checkpoint-116      # a trained checkpoint
+    .venv/bin/python bench/gguf_agreement.py runs/default/checkpoint-57      # a trained checkpoint
     .venv/bin/python bench/gguf_agreement.py smollm2-135m-instruct --limit 10 # the base model, 10 questions
 
 The checkpoint is exported once per type (f32, f16, q8_0) with `instructune.model.export`, loaded by

@@ -45,7 +45,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     out = tmp_path / "model.gguf"
     assert main(["export", str(tmp_path / "runs" / "default" / "checkpoint-9"), "--gguf", str(out)]) == 2
     assert error_of(capsys) == (f"error: checkpoint not found: {tmp_path}/runs/default/checkpoint-9 (give a checkpoint "
-                                "folder such as runs/default/checkpoint-114, a model folder or a .gguf file)")
+                                "folder such as runs/default/checkpoint-57, a model folder or a .gguf file)")
     assert not out.exists()
 
 

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.gguf, overwrite=args.overwrite)  # before minutes of loading
     if args.checkpoint.strip().lower() != DEFAULT_MODEL and not Path(args.checkpoint).expanduser().exists():
         raise UserError(f"checkpoint not found: {args.checkpoint} (give a checkpoint folder such as "
-                        "runs/default/checkpoint-114, a model folder or a .gguf file)")
+                        "runs/default/checkpoint-57, a model folder or a .gguf file)")
     out = export_gguf(args.checkpoint, args.gguf, kind=args.gguf_type, overwrite=args.overwrite)
     size_mb = out.stat().st_size / 1e6
     print(f"wrote {out} ({args.gguf_type}, {size_mb:.0f} MB)", file=sys.stderr)
