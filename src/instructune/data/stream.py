@@ -1,7 +1,7 @@
 """Conversations one at a time, for sources too large to hold as a list.
 
-`stream_conversations` gives exactly what `readers.read_conversations` gives, row indices, bad-row
-handling and errors included, but yields each (row index, conversation) as it is read and keeps only
+`stream_conversations` is the one loop that turns rows into validated conversations;
+`readers.read_conversations` collects it into a list. It yields each (row index, conversation) as it is read and keeps only
 counts (and the first few bad rows) in a `StreamTally`. What it holds in memory depends on the format
 (see `sources.iter_rows`):
 
@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 
 from instructune.data.conversation import Conversation, ConversationError, validate_conversation
 from instructune.data.encoded import MAX_NAMED_DROPS
-from instructune.data.formats import FORMATS, normalize_format_name
+from instructune.data.formats import FORMATS, detect_format, normalize_format_name
 from instructune.data.options import ON_BAD_ROW
-from instructune.data.readers import MAX_BAD_ROW_MESSAGES, _detect, _record_of
-from instructune.data.sources import iter_rows
+from instructune.data.sources import RawRow, iter_rows
 from instructune.errors import UserError
+
+MAX_BAD_ROW_MESSAGES = 5
 
 
 @dataclass
@@ -40,6 +41,8 @@ class StreamTally:
     """The row index of the first `MAX_NAMED_DROPS` skipped rows."""
     bad_row_messages: list[str] = field(default_factory=list)
     format: str = ""
+    named_limit: int | None = MAX_NAMED_DROPS
+    """How many bad rows `bad_row_indices` names (None: every one)."""
 
 
 def stream_conversations(source: str | os.PathLike, data_format: str | None = None, on_bad_row: str = "error",
@@ -69,7 +72,8 @@ def stream_conversations(source: str | os.PathLike, data_format: str | None = No
             try:
                 validate_conversation(conversation)
             except ConversationError as exc:
-                if exc.field == "messages":  # name the record's own field, as read_conversations does
+                # The validator speaks of canonical `messages`; point at the record's own field instead.
+                if exc.field == "messages":
                     exc.field = FORMATS[fmt].turns_field
                 raise
         except ConversationError as exc:
@@ -77,7 +81,7 @@ def stream_conversations(source: str | os.PathLike, data_format: str | None = No
             if on_bad_row == "error":
                 raise UserError(message) from None
             tally.bad_rows += 1
-            if len(tally.bad_row_indices) < MAX_NAMED_DROPS:
+            if tally.named_limit is None or len(tally.bad_row_indices) < tally.named_limit:
                 tally.bad_row_indices.append(row_index)
             if len(tally.bad_row_messages) < MAX_BAD_ROW_MESSAGES:
                 tally.bad_row_messages.append(message)
@@ -89,6 +93,24 @@ def stream_conversations(source: str | os.PathLike, data_format: str | None = No
             raise UserError(f"{source}: no rows to read")
         raise UserError(f"{source}: all {tally.rows_read} rows are bad, nothing to train on; the first: "
                         f"{tally.bad_row_messages[0]}")
+
+
+def _record_of(raw: RawRow) -> dict:
+    """The row's record, or a `ConversationError` (a bad row) when it is not a JSON object."""
+    if raw.error is not None:
+        raise ConversationError(raw.error)
+    if not isinstance(raw.record, dict):
+        kind = "null" if raw.record is None else type(raw.record).__name__
+        raise ConversationError(f"expected a record (a JSON object), got {kind}")
+    return raw.record
+
+
+def _detect(raw: RawRow) -> str:
+    """The format of the first good record; not being able to tell is an error for the whole source."""
+    try:
+        return detect_format(raw.record)
+    except UserError as exc:
+        raise UserError(f"{raw.location()}: {exc}") from None
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:
