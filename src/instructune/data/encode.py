@@ -61,7 +61,7 @@ class ConversationEncoder(TurnSpans):
         self.has_generation_tags = bool(_GENERATION_TAG.search(template_text))
         self.template_kwargs = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         self.template_vars = _allowed_variables(options.template_variables())
-        self.prefix_special_ids = _prefix_special_ids(tokenizer)
+        self.prefix_special_ids = prefix_special_ids_of(tokenizer)
         vocab = tokenizer.get_vocab()
         markers = {m for m in END_OF_TURN_MARKERS if m in vocab or m in template_text}
         if tokenizer.eos_token:
@@ -333,7 +333,7 @@ def _tokens_overlapping(starts: list[int], ends: list[int], start: int, end: int
     return [t for t in range(first, last) if ends[t] > starts[t]]
 
 
-def _prefix_special_ids(tokenizer) -> list[int]:
+def prefix_special_ids_of(tokenizer) -> list[int]:
     """The ids the tokenizer puts before any text (BOS for Llama-style tokenizers, none for others)."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     special = tokenizer("a", add_special_tokens=True)["input_ids"]

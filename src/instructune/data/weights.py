@@ -37,9 +37,10 @@ def labels_outside(input_ids: list[int], labels: list[int], prefix_length: int =
 @functools.lru_cache(maxsize=8)  # asked once per micro-batch; tokenizers hash by identity
 def tokenizer_prefix_length(tokenizer) -> int:
     """How many leading special tokens (a BOS) the tokenizer puts before any text: never scored at any weight."""
-    from instructune.data.encode import _prefix_special_ids  # the encoder's own rule, so the two never differ
+    # The encoder's own rule, so the two never differ.
+    from instructune.data.encode import prefix_special_ids_of
 
-    return len(_prefix_special_ids(tokenizer))
+    return len(prefix_special_ids_of(tokenizer))
 
 
 def token_weights(row: EncodedRow, instruction_weight: float, prefix_length: int = 1) -> list[float]:

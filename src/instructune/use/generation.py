@@ -3,7 +3,7 @@
 Prompts are rendered and tokenized exactly as training renders them (`ConversationEncoder.render`
 with the generation prompt, then `ConversationEncoder.tokenize`), so the model sees at inference
 the very token sequence it was trained to continue. Decoding is a hand-written loop over the KV
-cache (`_steps`) that computes only the last position's logits (`logits_to_keep=1`). It gives the same
+cache (`decode_steps`) that computes only the last position's logits (`logits_to_keep=1`). It gives the same
 greedy tokens as `model.generate`, as fast on SmolLM2-135M and faster on small models where the
 per-step overhead shows (`bench/generation_bench.py`), and it streams as a plain Python generator.
 Every caller goes through it: `eval`, `generate`, `chat`, `compare`, the default job.
@@ -88,8 +88,8 @@ def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def _picker(temperature: float, top_p: float, seed: int | None,
-            device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def token_picker(temperature: float, top_p: float, seed: int | None,
+                 device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function from last-position logits [rows, vocab] to the next token of each row."""
     if temperature == 0:
         return lambda logits: logits.argmax(-1)
@@ -108,8 +108,8 @@ def _picker(temperature: float, top_p: float, seed: int | None,
 
 
 @torch.no_grad()
-def _steps(model, ids: torch.Tensor, mask: torch.Tensor, *, pad_token_id: int, stop_token_ids: list[int],
-           max_new_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[torch.Tensor]:
+def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor, *, pad_token_id: int, stop_token_ids: list[int],
+                 max_new_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[torch.Tensor]:
     """The next token of every row, one decoding step at a time, until every row stopped or the limit.
 
     A row that has stopped is fed padding from then on; callers cut each row at its first stop token.
@@ -151,7 +151,7 @@ def generate_ids(model, prompts: list[list[int]], *, stop_token_ids: list[int], 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     device = next(model.parameters()).device
-    pick = _picker(temperature, top_p, seed, device)
+    pick = token_picker(temperature, top_p, seed, device)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
@@ -160,7 +160,7 @@ def generate_ids(model, prompts: list[list[int]], *, stop_token_ids: list[int], 
         for start in range(0, len(order), batch_size):
             chosen = order[start:start + batch_size]
             ids, mask = left_pad([prompts[i] for i in chosen], pad_token_id)
-            steps = list(_steps(model, ids.to(device), mask.to(device), pad_token_id=pad_token_id,
+            steps = list(decode_steps(model, ids.to(device), mask.to(device), pad_token_id=pad_token_id,
                                 stop_token_ids=stop_token_ids, max_new_tokens=max_new_tokens, pick=pick))
             tokens = torch.stack(steps, dim=1).tolist()
             for row, i in enumerate(chosen):
@@ -209,9 +209,9 @@ def stream_answer(loaded: LoadedModel, prompt: list[int] | Conversation, *, max_
     was_training = model.training
     model.eval()
     try:
-        for token in _steps(model, ids.to(device), mask.to(device), pad_token_id=loaded.pad_token_id,
+        for token in decode_steps(model, ids.to(device), mask.to(device), pad_token_id=loaded.pad_token_id,
                             stop_token_ids=loaded.stop_token_ids, max_new_tokens=max_new_tokens,
-                            pick=_picker(temperature, top_p, seed, device)):
+                            pick=token_picker(temperature, top_p, seed, device)):
             if int(token) in loaded.stop_token_ids:
                 break
             answer.append(int(token))

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from instructune.use.answer_text import AnswerText, Piece
-from instructune.use.generation import _picker, _steps, left_pad
+from instructune.use.generation import token_picker, decode_steps, left_pad
 
 
 @dataclass
@@ -153,13 +153,13 @@ class GenerationQueue:
         loaded = self.loaded
         model, device = loaded.model, loaded.device
         first = batch[0]
-        scorer = _Scorer(_picker(first.temperature, first.top_p, first.seed, device), first.temperature,
+        scorer = _Scorer(token_picker(first.temperature, first.top_p, first.seed, device), first.temperature,
                          max(job.top_logprobs for job in batch), any(job.logprobs for job in batch))
         ids, mask = left_pad([job.prompt for job in batch], loaded.pad_token_id)
         texts = [AnswerText(loaded.tokenizer, job.stop) for job in batch]
         finished: list[str | None] = [None] * len(batch)
         stop_ids = set(loaded.stop_token_ids)
-        steps = _steps(model, ids.to(device), mask.to(device), pad_token_id=loaded.pad_token_id,
+        steps = decode_steps(model, ids.to(device), mask.to(device), pad_token_id=loaded.pad_token_id,
                        stop_token_ids=loaded.stop_token_ids, max_new_tokens=max(job.max_tokens for job in batch),
                        pick=scorer)
         try:
