@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from instructune.use.answer_text import AnswerText, Piece
-from instructune.use.generation import token_picker, decode_steps, left_pad
+from instructune.use.generation import decode_steps, left_pad, token_picker
 
 
 @dataclass
