@@ -226,7 +226,6 @@ def test_views_select_rows_and_lengths_like_lists(data, tmp_path):
 def test_the_cache_key_of_a_stream_is_the_key_computed_as_before(data):
     """The key of the streamed preparation, against the key as it was computed from a list (written out)."""
     import hashlib
-    from dataclasses import asdict
 
     import instructune
     from instructune.data.prepare import _tokenizer_fingerprint
@@ -238,7 +237,9 @@ def test_the_cache_key_of_a_stream_is_the_key_computed_as_before(data):
         digest.update(part.encode())
         digest.update(b"\0")
     for index, conv in read_conversations(data, on_bad_row="skip").conversations:
-        digest.update(json.dumps([index, asdict(conv)], ensure_ascii=False, default=str).encode())
+        messages = [[m.role, m.content, m.train, m.extra] for m in conv.messages]
+        record = [index, messages, conv.tools, conv.text, conv.variables]
+        digest.update(json.dumps(record, ensure_ascii=False, default=str).encode())
     key = prepare_module.CacheKey(tok, CHATML_TEMPLATE, OPTIONS)
     for index, conv in stream_conversations(data, on_bad_row="skip"):
         key.add(index, conv)

@@ -23,7 +23,7 @@ import os
 import shlex
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import instructune
@@ -260,11 +260,22 @@ class CacheKey:
 
     def add(self, index: int, conv: Conversation) -> None:
         """Account for the next conversation of the source."""
-        self._digest.update(json.dumps([index, asdict(conv)], ensure_ascii=False, default=str).encode())
+        self._digest.update(json.dumps([index, *key_fields(conv)], ensure_ascii=False, default=str).encode())
 
     def hexdigest(self) -> str:
         """The key: a folder name under the cache's `prepared/`."""
         return self._digest.hexdigest()[:32]
+
+
+KEY_MESSAGE_FIELDS = ("role", "content", "train", "extra")
+KEY_CONVERSATION_FIELDS = ("messages", "tools", "text", "variables")
+
+
+def key_fields(conv: Conversation) -> list:
+    """Every field of `conv` and of its messages, as plain values for the key: what `dataclasses.asdict`
+    gives, without its deep copy (which cost most of the key pass). A test keeps the field lists whole."""
+    messages = [[m.role, m.content, m.train, m.extra] for m in conv.messages]
+    return [messages, conv.tools, conv.text, conv.variables]
 
 
 def _cache_key(conversations, tokenizer, template_text: str, options: EncodingOptions) -> str:

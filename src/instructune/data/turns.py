@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, replace
+from itertools import compress
+from operator import le
 
 from instructune.data.conversation import Conversation, Message
 from instructune.data.encoded import ROLE_CODE
@@ -227,7 +229,6 @@ def token_roles(conv: Conversation, starts: list[int], ends: list[int], starts_b
         a = max(bisect.bisect_left(starts, position, lo=n_prefix), n_prefix)
         b = bisect.bisect_left(starts, known[i + 1][0], lo=a) if i + 1 < len(known) else n
         roles[a:b] = [code] * (b - a)
-    for t in range(n_prefix, n):
-        if ends[t] <= starts[t]:
-            roles[t] = other
+    for t in compress(range(n_prefix, n), map(le, ends[n_prefix:], starts[n_prefix:])):  # empty tokens
+        roles[t] = other
     return roles
