@@ -168,3 +168,89 @@ def _find_class(name: str):
     family = name.removesuffix("RMSNorm").removesuffix("MLP").lower()
     module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     return getattr(module, name)
+
+
+def _kept_bytes(model, batch, recompute_norms: bool) -> tuple[int, torch.Tensor, dict]:
+    """Bytes of the distinct storages autograd keeps after the forward (a kept recipe counts nothing of
+    its own: it refers to tensors the norm keeps anyway), and the loss and gradients after backward."""
+    from instructune.model import fused_layers
+
+    kept: dict[int, int] = {}
+
+    def count(packed):
+        if isinstance(packed, torch.Tensor):
+            storage = packed.untyped_storage()
+            kept[storage.data_ptr()] = storage.nbytes()
+        return packed
+
+    model.zero_grad(set_to_none=True)
+    if recompute_norms:
+        original = fused_layers._pack_norm_output
+        fused_layers._pack_norm_output = lambda t: count(original(t))
+        try:
+            with fused_layers.recomputed_norm_outputs():
+                out = masked_lm_loss(model, batch)
+        finally:
+            fused_layers._pack_norm_output = original
+    else:
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            out = masked_lm_loss(model, batch)
+    out.loss_sum.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return sum(kept.values()), out.loss_sum.detach(), grads
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_recomputed_norm_outputs_give_bitwise_the_same_gradients_and_keep_two_vectors_a_layer_less(family):
+    model = _model(family)
+    apply_fused_layers(model)
+    batch = _batch()
+    kept, loss, grads = _kept_bytes(model, batch, recompute_norms=False)
+    kept_less, loss_again, grads_again = _kept_bytes(model, batch, recompute_norms=True)
+    assert torch.equal(loss, loss_again) and grads.keys() == grads_again.keys()
+    for name in grads:
+        assert torch.equal(grads[name], grads_again[name]), name
+    # Each decoder layer's two norms feed projections that keep their input: [tokens, hidden] fp32 each.
+    tokens = batch["input_ids"].numel()
+    assert kept - kept_less == model.config.num_hidden_layers * 2 * tokens * COMMON["hidden_size"] * 4
+
+
+def test_a_norm_output_changed_in_place_is_kept_not_recomputed():
+    from instructune.model import fused_layers
+
+    norm = tf.models.llama.modeling_llama.LlamaRMSNorm(8)
+    apply_fused_layers(norm)
+    x = torch.randn(3, 8, requires_grad=True)
+    weight = torch.randn(8, 5, requires_grad=True)
+    with fused_layers.recomputed_norm_outputs():
+        out = norm(x)
+        out.mul_(2.0)  # after this, the norm's own formula no longer gives what the product sees
+        (out @ weight).sum().backward()
+    expected = (fused_layers._rms_norm(x.detach(), norm.weight.detach(), 1e-6, False)[0] * 2.0).t() @ torch.ones(3, 5)
+    torch.testing.assert_close(weight.grad, expected)
+
+
+def test_a_norm_output_changed_in_place_after_it_was_kept_is_refused_as_autograd_would():
+    from instructune.model import fused_layers
+
+    norm = tf.models.llama.modeling_llama.LlamaRMSNorm(8)
+    apply_fused_layers(norm)
+    x = torch.randn(3, 8, requires_grad=True)
+    weight = torch.randn(8, 5, requires_grad=True)
+    with fused_layers.recomputed_norm_outputs():
+        out = norm(x)
+        product = out @ weight
+    with torch.no_grad():
+        out.mul_(2.0)
+    with pytest.raises(RuntimeError, match="in-place"):
+        product.sum().backward()
+
+
+def test_the_graph_keeps_no_recipe_and_outside_the_block_nothing_is_recorded():
+    from instructune.model import fused_layers
+
+    norm = tf.models.llama.modeling_llama.LlamaRMSNorm(8)
+    apply_fused_layers(norm)
+    out = norm(torch.randn(3, 8, requires_grad=True))
+    assert out.grad_fn.recipe is None  # the graph would otherwise hold x and rsqrt after backward
+    assert fused_layers._norm_outputs is None

@@ -22,8 +22,11 @@ model's forward: the adapter needs its own input).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
+import weakref
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -73,16 +76,26 @@ def _activation_kind(act) -> str | None:
 def _rms_norm_forward(self, hidden_states: torch.Tensor, *, eps: float, offset: bool) -> torch.Tensor:
     if not (torch.is_grad_enabled() and (hidden_states.requires_grad or self.weight.requires_grad)):
         return _rms_norm(hidden_states, self.weight, eps, offset)[0]
-    return _RMSNorm.apply(hidden_states, self.weight, eps, offset)
+    out = _RMSNorm.apply(hidden_states, self.weight, eps, offset)
+    recipe, out.grad_fn.recipe = out.grad_fn.recipe, None  # the graph must not hold it after backward
+    if _norm_outputs is not None:
+        _norm_outputs[out.untyped_storage().data_ptr()] = (weakref.ref(out), out._version, recipe)
+    return out
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool):
     """The models' own forward, op for op; returns (output, rsqrt of the mean square) ."""
     xf = x.to(torch.float32)
     inv_rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return _rms_scaled(x, weight, inv_rms, offset), inv_rms
+
+
+def _rms_scaled(x: torch.Tensor, weight: torch.Tensor, inv_rms: torch.Tensor, offset: bool) -> torch.Tensor:
+    """The norm's output from x and its rsqrt: the forward's own ops, so a recomputation is bitwise equal."""
+    xf = x.to(torch.float32)
     if offset:  # Gemma: (x * w) in fp32, then the input dtype
-        return (xf * inv_rms * (1.0 + weight.float())).type_as(x), inv_rms
-    return weight * (xf * inv_rms).to(x.dtype), inv_rms
+        return (xf * inv_rms * (1.0 + weight.float())).type_as(x)
+    return weight * (xf * inv_rms).to(x.dtype)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -96,6 +109,7 @@ class _RMSNorm(torch.autograd.Function):
         out, inv_rms = _rms_norm(x, weight, eps, offset)
         ctx.save_for_backward(x, weight, inv_rms)
         ctx.offset = offset
+        ctx.recipe = (x, weight, inv_rms, offset)  # taken off by the caller for `recomputed_norm_outputs`
         return out
 
     @staticmethod
@@ -111,6 +125,68 @@ class _RMSNorm(torch.autograd.Function):
             grad_y = grad_out * scale  # not in place: the incoming gradient may be the caller's tensor
             grad_x = (grad_y - y * (grad_y * y).mean(-1, keepdim=True)).mul_(inv_rms).to(x.dtype)
         return grad_x, grad_weight, None, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Norm outputs recomputed instead of kept
+
+_norm_outputs: dict[int, tuple] | None = None
+"""While `recomputed_norm_outputs` is open: storage address -> (the lean norm's output (weakly), its
+version, what it is recomputed from: x, weight, rsqrt, offset). Only the forward inside the block
+holds it; a kept recipe lives as long as the saved tensor it replaces."""
+
+
+@contextlib.contextmanager
+def recomputed_norm_outputs() -> Iterator[None]:
+    """While open, a lean RMSNorm's output that a later op keeps for backward (q/k/v and gate/up
+    projections keep their input) is not kept: backward recomputes it from what the norm keeps anyway
+    (x and its rsqrt), with the forward's own ops, so every gradient is bitwise the same.
+
+    That is two of the seven hidden-sized or larger tensors a decoder layer keeps per token (17 % of
+    SmolLM2's activations), for one element-wise pass per use in backward. Only this process's forward
+    passes inside the block are affected; checkpointed layers use their own hooks and are left alone.
+    """
+    global _norm_outputs
+    outer, _norm_outputs = _norm_outputs, {}
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack_norm_output, _unpack_norm_output):
+            yield
+    finally:
+        _norm_outputs = outer
+
+
+class _NormRecipe:
+    """What a kept norm output (or a view of it) is recomputed from."""
+
+    __slots__ = ("recipe", "size", "stride", "offset", "output", "version")
+
+    def __init__(self, recipe, tensor: torch.Tensor, output: weakref.ref, version: int):
+        self.recipe = recipe
+        self.size, self.stride, self.offset = tensor.size(), tensor.stride(), tensor.storage_offset()
+        self.output, self.version = output, version
+
+
+def _pack_norm_output(tensor: torch.Tensor):
+    entry = _norm_outputs.get(tensor.untyped_storage().data_ptr()) if _norm_outputs else None
+    if entry is not None:
+        out, version, recipe = entry[0](), entry[1], entry[2]
+        # The same live storage, unchanged since the norm wrote it (a view of it, such as linear's 2-D one).
+        if (out is not None and out._version == version and tensor._version == version
+                and tensor.dtype == out.dtype and out.untyped_storage().nbytes() == tensor.untyped_storage().nbytes()):
+            return _NormRecipe(recipe, tensor, entry[0], version)
+    return tensor
+
+
+def _unpack_norm_output(packed):
+    if not isinstance(packed, _NormRecipe):
+        return packed
+    output = packed.output()
+    if output is not None and output._version != packed.version:  # what autograd itself would refuse
+        raise RuntimeError("a norm output needed for backward was modified by an in-place operation")
+    x, weight, inv_rms, offset = packed.recipe
+    with torch.no_grad():
+        out = _rms_scaled(x, weight, inv_rms, offset)
+    return out.as_strided(packed.size, packed.stride, packed.offset)
 
 
 # ---------------------------------------------------------------------------------------------------

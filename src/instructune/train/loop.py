@@ -19,6 +19,7 @@ alone prints, writes metrics and checkpoints; every rank evaluates its share of 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -32,6 +33,7 @@ from instructune.data.encoded import EncodedRow
 from instructune.data.shards import row_lengths
 from instructune.data.weights import tokenizer_prefix_length
 from instructune.errors import UserError
+from instructune.model.fused_layers import recomputed_norm_outputs
 from instructune.model.varlen_attention import takes_row_boundaries
 from instructune.train.checkpoint import latest_checkpoint, quiet_saving, save_checkpoint
 from instructune.train.config import TrainConfig, config_to_yaml
@@ -121,7 +123,7 @@ def accumulate_gradients(run: TrainingRun, batches: list[dict[str, torch.Tensor]
     for index, batch in enumerate(batches):
         batch = _to_device(batch, run.device)
         sync = index == len(batches) - 1  # DDP sums the ranks' gradients once, in the last backward
-        with recomputing(run.model, bool(recompute and recompute[index])):
+        with recomputing(run.model, bool(recompute and recompute[index])), lean_norm_outputs(run):
             out = run.parallel.loss(batch, sync=sync, per_row=config.loss_normalization != "token", **options)
             loss = (out.loss_sum if config.loss_normalization == "token" else row_mean_sum(out)) / denominator
         loss.backward()
@@ -129,6 +131,14 @@ def accumulate_gradients(run: TrainingRun, batches: list[dict[str, torch.Tensor]
         if parts is not None and out.response_loss_sum is not None:
             parts += torch.stack([out.response_loss_sum, out.instruction_loss_sum]).to(parts)
     return total
+
+
+def lean_norm_outputs(run: TrainingRun):
+    """Norm outputs recomputed in backward instead of kept (`fused_layers.recomputed_norm_outputs`), with
+    the lean layers and unsharded weights (FSDP frees a layer's gathered weights between its passes)."""
+    if run.config.fused_layers and not run.parallel.sharded:
+        return recomputed_norm_outputs()
+    return contextlib.nullcontext()
 
 
 def _optimizer_step(run: TrainingRun, batches: list[dict[str, torch.Tensor]], denominator: float,
