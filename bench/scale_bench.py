@@ -68,8 +68,12 @@ def _uptime() -> str:
 
 def sequence_length_curve(lengths=LENGTHS, sides=LENGTH_SIDES, *, steps: int = 2, budget: int = 2048,
                           trl_max_length: int = 4096, out: Path = ROOT / "bench" / "results",
-                          verbose: bool = False) -> list[dict]:
-    """Run every (side, length) point in a fresh process; write the PNG and the table; return the points."""
+                          verbose: bool = False, budget_lengths=None, one_step_from: int | None = None) -> list[dict]:
+    """Run every (side, length) point in a fresh process; write the PNG and the table; return the points.
+
+    `budget_lengths`: the lengths the budget side runs at (default: all); `one_step_from`: rows of this
+    many tokens or more run one step instead of `steps` (its peak is then the first step's, before
+    AdamW allocates its moments; the table says how many steps each point ran)."""
     from instructune.cache import cache_dir
 
     spec, folder = train_bench.model_specs([train_bench.WORKLOADS["A"]])["smollm2"]
@@ -80,14 +84,17 @@ def sequence_length_curve(lengths=LENGTHS, sides=LENGTH_SIDES, *, steps: int = 2
         cache.mkdir()
         (cache / "gguf").symlink_to(cache_dir() / "gguf", target_is_directory=True)
         for length in lengths:
-            data = long_rows(steps, length, tmp)
+            point_steps = 1 if one_step_from and length >= one_step_from else steps
+            data = long_rows(point_steps, length, tmp)
             for side in sides:
                 if side == "trl" and length > trl_max_length:
+                    continue
+                if side == "instructune-budget" and budget_lengths and length not in budget_lengths:
                     continue
                 ours = {"max_tokens_per_forward": budget} if side == "instructune-budget" else {}
                 job = {"side": "instructune" if side.startswith("instructune") else side,
                        "model_spec": spec, "model_folder": folder, "template": None, "template_text": None,
-                       "added_tokens": None, "lora": None, "data": str(data), "max_steps": steps,
+                       "added_tokens": None, "lora": None, "data": str(data), "max_steps": point_steps,
                        "micro_batch": None, "trl_same_targets": True, "ours_config": ours,
                        "settings": {"batch_size": 1, "max_length": length, "epochs": 1, "lr": 1e-5},
                        "output_dir": str(tmp / f"out-{side}-{length}")}
@@ -96,7 +103,7 @@ def sequence_length_curve(lengths=LENGTHS, sides=LENGTH_SIDES, *, steps: int = 2
                 result = train_bench.run_child(job, {**os.environ, "INSTRUCTUNE_CACHE": str(cache)}, verbose)
                 point = {"side": side, "length": length, "tokens": result["tokens"], "loop_s": result["loop_s"],
                          "tokens_per_s": result["tokens"] / result["loop_s"], "peak_rss_gb": result["peak_rss_gb"],
-                         "token_loss": result["token_loss"], "load": load}
+                         "token_loss": result["token_loss"], "load": load, "steps": point_steps}
                 print(f"    {point['tokens_per_s']:.1f} tokens/s, peak RSS {point['peak_rss_gb']:.2f} GB", flush=True)
                 points.append(point)
                 table = write_length_results(points, budget, out)  # after every point: a long run keeps what it has
@@ -161,13 +168,13 @@ def budget_speed_ratio(budgets=(512, 256), *, pairs: int = 4, out: Path = ROOT /
 
 def length_table(points: list[dict], budget: int) -> str:
     """The points as a Markdown table, one line per (length, side), with the load each was measured under."""
-    lines = ["| row tokens | side | tokens/s | peak RSS GB | RSS vs TRL | loop s | load when started |",
-             "|---:|---|---:|---:|---:|---:|---|"]
+    lines = ["| row tokens | side | steps | tokens/s | peak RSS GB | RSS vs TRL | loop s | load when started |",
+             "|---:|---|---:|---:|---:|---:|---:|---|"]
     trl = {p["length"]: p["peak_rss_gb"] for p in points if p["side"] == "trl"}
     for p in sorted(points, key=lambda p: (p["length"], p["side"])):
         name = f"instructune, budget {budget}" if p["side"] == "instructune-budget" else p["side"]
         ratio = f"{p['peak_rss_gb'] / trl[p['length']]:.2f}x" if p["length"] in trl and p["side"] != "trl" else ""
-        lines.append(f"| {p['length']} | {name} | {p['tokens_per_s']:.1f} | {p['peak_rss_gb']:.2f} | {ratio} | "
+        lines.append(f"| {p['length']} | {name} | {p.get('steps', '')} | {p['tokens_per_s']:.1f} | {p['peak_rss_gb']:.2f} | {ratio} | "
                      f"{p['loop_s']:.1f} | {p['load']} |")
     return "\n".join(lines)
 
@@ -433,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps (rows) per point (default 2)")
     parser.add_argument("--budget", type=int, default=2048, help="max_tokens_per_forward of instructune-budget")
     parser.add_argument("--trl-max-length", type=int, default=4096, help="longest row TRL is run on")
+    parser.add_argument("--budget-lengths", default="", help="lengths the budget side runs at (default: all)")
+    parser.add_argument("--one-step-from", type=int, default=None,
+                        help="rows of this many tokens or more run one step (long rows take minutes a step)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the PNG and tables go")
     parser.add_argument("--verbose", action="store_true", help="show the children's output")
     parser.add_argument("--budget-speed-pairs", type=int, default=0,
@@ -452,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         sequence_length_curve([int(n) for n in args.lengths.split(",")],
                               [s.strip() for s in args.sides.split(",") if s.strip()], steps=args.steps,
                               budget=args.budget, trl_max_length=args.trl_max_length, out=args.out,
-                              verbose=args.verbose)
+                              verbose=args.verbose, one_step_from=args.one_step_from,
+                              budget_lengths=[int(n) for n in args.budget_lengths.split(",") if n.strip()])
     if args.part in ("data", "all"):
         run_data_part(args)
     print(f"done in {time.perf_counter() - started:.0f} s")

@@ -331,3 +331,16 @@ def test_fused_head_chunks_keep_a_row_floor_for_large_vocabularies():
     assert chunk_rows(4096, 262144) == 128  # Gemma-3: the budget alone would give 32 rows
     assert chunk_rows(4096, 2_000_000) == 128
     assert chunk_rows(5, 262144) == 5 and chunk_rows(100, 64) == 100
+
+
+@pytest.mark.parametrize("rows, vocab", [(1, 7), (5, 64), (170, 49152), (3, 262144)])
+def test_log_softmax_written_over_its_logits_equals_a_separate_buffer_bitwise(rows, vocab):
+    """The fused head's plain path overwrites each chunk's logits with their log-softmax (one buffer, not
+    two); that must be exactly what writing into a second buffer gives, for the vocabulary sizes in use."""
+    gen = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, vocab, generator=gen) * 8
+    separate = torch.empty_like(logits)
+    torch.log_softmax(logits, dim=-1, out=separate)
+    in_place = logits.clone()
+    torch.log_softmax(in_place, dim=-1, out=in_place)
+    assert torch.equal(in_place, separate)

@@ -63,7 +63,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         plain = weight.dtype == torch.float32 and bias is None and scale == 1.0 and softcap is None
         logits_buffer = torch.empty(chunk_size, weight.shape[0], dtype=torch.float32, device=hidden.device)
         per_target = torch.empty(n if target_weights is not None else 0, dtype=torch.float32, device=hidden.device)
-        logp_buffer = torch.empty_like(logits_buffer)
+        # The plain head's log-softmax overwrites its logits (row by row, after reading them: bitwise what a
+        # second buffer gets, tested), so one chunk-sized buffer is live, not two (A: 33 MB, Gemma-3: 134 MB).
+        logp_buffer = logits_buffer if plain else torch.empty_like(logits_buffer)
         for start in range(0, n, chunk_size):
             rows = hidden[start:start + chunk_size]
             tgt = targets[start:start + chunk_size]
@@ -71,14 +73,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 logits = torch.mm(rows, weight.t(), out=logits_buffer[:rows.shape[0]])
             else:
                 logits = transform_logits(F.linear(rows, weight, bias).float(), scale, softcap)
+            if count_correct:  # before the log-softmax, which may overwrite the logits
+                correct += (logits.argmax(dim=-1) == tgt).sum()
             logp = torch.log_softmax(logits, dim=-1, out=logp_buffer[:rows.shape[0]])
             if target_weights is None:
                 loss -= logp.gather(1, tgt[:, None]).sum()
             else:
                 nll = torch.neg(logp.gather(1, tgt[:, None])[:, 0], out=per_target[start:start + chunk_size])
                 loss += (nll * target_weights[start:start + chunk_size]).sum()
-            if count_correct:
-                correct += (logits.argmax(dim=-1) == tgt).sum()
             # d(-log softmax[target]) / d logits = softmax - onehot(target), computed in place.
             grad = logp.exp_()
             grad.scatter_add_(1, tgt[:, None], torch.full_like(tgt[:, None], -1, dtype=grad.dtype))
