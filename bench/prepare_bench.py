@@ -40,7 +40,7 @@ import datasets
 
 from instructune.data.prepare import prepare_dataset
 
-ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_en_demo.json"
+ALPACA = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "data" / "alpaca_en_demo.json"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -207,7 +207,7 @@ def plot_length_curve(points: list[dict], path: Path, budget: int) -> None:
 
 # -- data size (`--part data`) -------------------------------------------------------------------------
 
-ALPACA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
+ALPACA = ROOT / "tests" / "fixtures" / "data" / "alpaca_en_demo.json"
 DATA_SIZES = (10_000, 100_000, 1_000_000)
 
 

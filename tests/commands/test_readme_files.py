@@ -181,3 +181,15 @@ def test_what_users_read_never_points_outside_the_repository():
         text = path.read_text(encoding="utf-8")
         for outside in ("../shared", "/shared/"):
             assert outside not in text, f"{path.relative_to(ROOT)} points to {outside!r}"
+
+
+def test_no_code_test_or_benchmark_reads_outside_the_repository():
+    # A user's clone has nothing beside it: data a test or benchmark needs ships in the repository.
+    outside = re.compile(r"""\.\./shared|parents?\[\d\]\.parent\s*/\s*["']shared|\.parent\s*/\s*["']shared["']""")
+    files = [p for folder in ("src", "tests", "bench", "scripts", ".ci") for p in sorted((ROOT / folder).rglob("*"))
+             if p.is_file() and p.suffix in (".py", ".sh", ".md", "") and "__pycache__" not in p.parts
+             and p != Path(__file__).resolve()]  # this file names the pattern it looks for
+    assert len(files) > 50
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        assert not outside.search(text), f"{path.relative_to(ROOT)} reads a folder outside the repository"

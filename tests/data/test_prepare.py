@@ -1,5 +1,5 @@
 """Preparing whole datasets: the report, parallel == serial, the cache, and the real SmolLM2 tokenizer
-on all 999 rows of the shared Alpaca data."""
+on all 999 rows of the Alpaca demo data in tests/fixtures/data."""
 
 import json
 import re
@@ -12,7 +12,7 @@ from instructune.data.options import EncodingOptions
 from instructune.data.prepare import prepare_dataset
 from instructune.testing import make_tiny_tokenizer
 
-ALPACA_DEMO = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "alpaca_en_demo.json"
+ALPACA_DEMO = Path(__file__).resolve().parents[1] / "fixtures" / "data" / "alpaca_en_demo.json"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:

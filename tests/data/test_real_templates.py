@@ -45,7 +45,7 @@ def _markers_written_by_the_model(case, sample) -> set[str]:
     rendering the conversation up to each answer with and without it: what the answer adds after the
     prompt (or after the user turn, when the prompt is not a prefix), without its final (closing)
     marker. Any other marker inside a run means the run reaches into a header or another turn."""
-    markers = [m for m in case["special_tokens"] + [case["eos_token"]] if m]
+    markers = [m for m in case["special_tokens"] + case["text_markers"] + [case["eos_token"]] if m]
     variables = _variables(case)
     messages = list(sample.messages)
     written_markers: set[str] = set()
@@ -68,7 +68,7 @@ def _markers_written_by_the_model(case, sample) -> set[str]:
 def check_row(case, conv, row, tokenizer, sample=None) -> None:
     """Every trained run is one assistant turn's output plus a closing marker; nothing else is trained."""
     assert row.labels[0] == IGNORE_INDEX
-    closing = [m for m in case["special_tokens"] + [case["eos_token"]] if m]
+    closing = [m for m in case["special_tokens"] + case["text_markers"] + [case["eos_token"]] if m]
     inner = _markers_written_by_the_model(case, sample) if sample is not None else set(closing)
     instructions = [_squash(m.content) for m in conv.messages if m.role in ("system", "user", "tool")
                     and m.content.strip()]
@@ -179,7 +179,7 @@ def test_random_conversations_on_real_templates(family):
 
     case = next(c for c in CASES if c["family"] == family)
     tokenizer = tokenizer_for(case)
-    markers = [m for m in case["special_tokens"] + [case["eos_token"]] if m]
+    markers = [m for m in case["special_tokens"] + case["text_markers"] + [case["eos_token"]] if m]
     clean = st.text(alphabet=st.sampled_from(list("abc XYZ019.,!?é中🙂")), min_size=1, max_size=20).map(
         lambda text: ("clean", text.strip() or "x"))
     anything = st.text(max_size=20).filter(lambda text: not any(m in text for m in markers) and "<" not in text

@@ -46,7 +46,7 @@ def test_index_entry_is_complete(case):
     for name in ("special_tokens", "other_markers", "text_markers", "features"):
         assert isinstance(case[name], list) and all(isinstance(x, str) and x for x in case[name]), name
         assert len(set(case[name])) == len(case[name]), name
-    assert case["special_tokens"], "every template writes some marker"
+    assert case["special_tokens"] or case["text_markers"], "every template writes some marker"
     for feature in case["features"]:
         assert tc.feature_meaning(feature)
     assert isinstance(case["refuses"], dict)

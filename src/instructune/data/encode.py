@@ -24,6 +24,7 @@ from dataclasses import replace
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from instructune import IGNORE_INDEX
+from instructune.data.closing import probe_closing_markers, special_strings_re
 from instructune.data.conversation import Conversation, Message
 from instructune.data.encoded import ROLE_CODE, EncodedRow
 from instructune.data.options import DEFAULT_ENCODING, EncodingOptions
@@ -67,12 +68,15 @@ class ConversationEncoder(TurnSpans):
         self.template_vars = _allowed_variables(options.template_variables())
         self.prefix_special_ids = prefix_special_ids_of(tokenizer)
         vocab = tokenizer.get_vocab()
-        markers = {m for m in END_OF_TURN_MARKERS if m in vocab or m in template_text}
+        # Closing markers are derived per turn from the template (instructune.data.closing); the markers
+        # of the common formats and the EOS are only hints, for turns whose renders disagree.
+        hints = {m for m in END_OF_TURN_MARKERS if m in vocab or m in template_text}
         if tokenizer.eos_token:
-            markers.add(tokenizer.eos_token)
-        # Longest first, so that a marker that contains another one wins at the same position.
-        self.closing_markers = sorted(markers, key=len, reverse=True)
-        self._closing_re = re.compile("|".join(re.escape(m) for m in self.closing_markers))
+            hints.add(tokenizer.eos_token)
+        # Strings a closing marker must never split: the vocabulary's added (special) tokens and the hints.
+        atoms = {*hints, *tokenizer.get_added_vocab()}
+        self.special_atoms = special_strings_re(atoms)
+        self.longest_atom = max((len(a) for a in atoms), default=0)
         # Whether the template reads a reasoning key at all (gpt-oss reads `thinking`, which the renderer
         # also fills from `reasoning_content`): if not, reasoning in such a key is simply never rendered.
         self.reads_reasoning = any(key in template_text for key in REASONING_KEYS)
@@ -81,11 +85,16 @@ class ConversationEncoder(TurnSpans):
         self._placeholder_renders: dict[str, str] = {}
         self._keys_read: dict[str, bool] = {}
         self._reads_generically = bool(_GENERIC_ACCESS.search(template_text))
+        self._tails: dict[tuple[str, int, str], str | None] = {}
+        self.generation_prompt = self._probe_generation_prompt()
+        self._closing_re = special_strings_re(hints) or re.compile("(?!)")  # the hints alone, for the probe
+        # Longest first, so that a marker that contains another one wins at the same position.
+        self.closing_markers = sorted({*hints, *probe_closing_markers(self)}, key=len, reverse=True)
+        self._closing_re = re.compile("|".join(re.escape(m) for m in self.closing_markers) or "(?!)")
         missing = [m for m in self.closing_markers if m in template_text and m not in vocab]
         self.marker_note = (
             f"closing markers not in the vocabulary ({', '.join(missing)}): a marker's last token may merge "
             "with the next text and be trained; add them as special tokens" if missing else "")
-        self.generation_prompt = self._probe_generation_prompt()
 
     # -- rendering and tokenizing ------------------------------------------------------------------
 
@@ -319,6 +328,7 @@ class ConversationEncoder(TurnSpans):
         if reused is not None:
             alignment = Alignment(full, reused, fields)
             if alignment.exact:
+                alignment.shape_key = key
                 return alignment
             for f in fields:  # the failed alignment searched them: start again from nothing
                 f.start = f.end = None
@@ -330,8 +340,11 @@ class ConversationEncoder(TurnSpans):
         if key is not None:
             if len(self._placeholder_renders) >= _PLACEHOLDER_RENDERS_KEPT:
                 self._placeholder_renders.clear()
+                self._tails.clear()
             self._placeholder_renders[key] = rendered
-        return Alignment(full, rendered, fields)
+        alignment = Alignment(full, rendered, fields)
+        alignment.shape_key = key
+        return alignment
 
     def _template_may_read(self, name: str) -> bool:
         """Whether the template can read message key `name`: it names it, or reads messages generically

@@ -117,6 +117,8 @@ class Alignment:
         self.full = full
         self.placeholder_render = placeholder_render
         self.fields = fields
+        self.shape_key: str | None = None
+        """The encoder's key for conversations of this shape (they share one placeholder render)."""
         parts = _PLACEHOLDER_RE.split(placeholder_render)
         self.segments = parts[0::2]
         self.order = [int(i) for i in parts[1::2]]
@@ -162,10 +164,20 @@ class Alignment:
             if not value or field.occurrences > 1:
                 continue
             tail = self.segments[j].strip()[-_ANCHOR_TAIL:]
+            # The render's last field is followed by the template's closing text and nothing else: of the
+            # places the text before it allows, prefer the one that ends the render that way (an equal
+            # answer earlier in the conversation is another turn's).
+            closing = self.segments[j + 1].strip() if j + 1 == len(self.segments) - 1 else None
+            first = None
             at = self.full.find(value, pos)
-            while at >= 0 and tail and not self.full[:at].rstrip().endswith(tail):
+            while at >= 0:
+                if not tail or self.full[:at].rstrip().endswith(tail):
+                    first = at if first is None else first
+                    if closing is None or self.full[at + len(value):].strip() == closing:
+                        break
                 at = self.full.find(value, at + 1)
-            if at >= 0:
+            at = first if at < 0 else at
+            if at is not None and at >= 0:
                 field.start, field.end = at, at + len(value)
                 pos = field.end
 
@@ -211,3 +223,21 @@ class Alignment:
             before = [f.end for f in others if f.message < message]
             after = [f.start for f in others if f.message > message]
         return max(before, default=0), min(after, default=len(self.full))
+
+
+def placeholder_text(i: int) -> str:
+    """The placeholder that stands for field `i` in a placeholder render."""
+    return _PLACEHOLDER.format(i)
+
+
+def text_after_message(placeholder_render: str, fields: list[Field], message: int) -> str | None:
+    """The template text a placeholder render holds after message `message`'s last field (None when the
+    render holds none of its fields)."""
+    ends = []
+    for i, field in enumerate(fields):
+        if field.message == message:
+            placeholder = _PLACEHOLDER.format(i)
+            at = placeholder_render.rfind(placeholder)
+            if at >= 0:
+                ends.append(at + len(placeholder))
+    return placeholder_render[max(ends):] if ends else None

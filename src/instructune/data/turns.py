@@ -14,9 +14,10 @@ from dataclasses import dataclass, replace
 from itertools import compress
 from operator import le
 
+from instructune.data.closing import closing_text, hint_closing
 from instructune.data.conversation import Conversation, Message
 from instructune.data.encoded import ROLE_CODE
-from instructune.data.spans import Alignment
+from instructune.data.spans import Alignment, placeholder_text, text_after_message
 
 
 class DropRow(Exception):
@@ -95,9 +96,9 @@ class TurnSpans:
         if start is None:
             raise DropRow("content_not_found", f"message {k} has nothing to find in the render")
         after = max([f.end for f in own] + [start])
-        closing = self._closing_re.search(full, after, high)
+        closing = self._closing(conv, full, alignment, placeholders, k, after, high)
         if closing:
-            end, marker_start = closing.end(), closing.start()
+            marker_start, end = closing
         else:
             end = marker_start = after
             self._warn("no_closing_token")
@@ -108,6 +109,69 @@ class TurnSpans:
             raise DropRow("content_not_found", f"message {k}'s span would reach into another turn")
         texts = [f.value for f in own if f.kind == "content" or (f.kind == "reasoning" and reasoning_trained)]
         return TurnSpan(index=k, start=start, end=end, marker_start=marker_start, texts=tuple(texts))
+
+    def _closing(self, conv: Conversation, full: str, alignment: Alignment, placeholders: list[dict], k: int,
+                 after: int, high: int) -> tuple[int, int] | None:
+        """Turn k's closing marker as full-render characters [start, end): what the template writes after
+        the turn's last field, before the next message (`instructune.data.closing`); None if nothing."""
+        following = full[after:high]
+        if k == len(conv.messages) - 1:
+            # The end of the render may hold more than the turn's closing (an EOS after every render): the
+            # same turn followed by one more message shows what belongs to the turn.
+            other = self._text_after_when_followed(conv, alignment, placeholders, k)
+            other = following if other is None else other
+        else:
+            other = self._text_after_as_last(conv, alignment, placeholders, k)
+        marker = closing_text(following, other, generation_prompt=self.generation_prompt,
+                              atoms=self.special_atoms, longest=self.longest_atom)
+        if marker is None:  # the renders disagree: the known markers and the EOS decide
+            hint = hint_closing(following, self._closing_re)
+            return (after + hint[0], after + hint[1]) if hint else None
+        if not marker:
+            return None
+        end = after + len(marker)
+        if conv.messages[k].extra.get("tool_calls"):
+            # Text after a tool call's name is the call's own (its arguments) up to the marker that ends
+            # the turn: the known marker (or a special token) that the text ends with.
+            for match in self._closing_re.finditer(marker):
+                if match.end() == len(marker):
+                    return after + match.start(), end
+            for start in range(max(0, len(marker) - self.longest_atom), len(marker)):
+                match = self.special_atoms.match(marker, start) if self.special_atoms else None
+                if match and match.end() == len(marker):
+                    return after + start, end
+            return end, end  # no marker to tell from the call: the whole text is the call's
+        return after, end
+
+    def _text_after_as_last(self, conv: Conversation, alignment: Alignment, placeholders: list[dict],
+                            k: int) -> str | None:
+        """What the template writes after message k's last field when k is the last message (from a
+        placeholder render of the messages up to k, kept per conversation shape); None if it cannot."""
+        return self._tail(conv, alignment, placeholders[: k + 1], k, "last")
+
+    def _text_after_when_followed(self, conv: Conversation, alignment: Alignment, placeholders: list[dict],
+                                  k: int) -> str | None:
+        """What the template writes after the last message k's last field when one more (user) message
+        follows, up to that message's text; None if it cannot tell."""
+        extra = placeholder_text(len(alignment.fields))
+        tail = self._tail(conv, alignment, [*placeholders, {"role": "user", "content": extra}], k, "followed")
+        return tail[: tail.index(extra)] if tail is not None and extra in tail else None
+
+    def _tail(self, conv: Conversation, alignment: Alignment, messages: list[dict], k: int, kind: str) -> str | None:
+        """The text after message k's last field in a placeholder render of `messages` (kept per
+        conversation shape: the render holds template text and placeholders only)."""
+        key = (alignment.shape_key, k, kind) if alignment.shape_key is not None else None
+        if key is not None and key in self._tails:
+            return self._tails[key]
+        try:
+            rendered = self.render(conv, messages=messages)[0]
+        except Exception:  # a template that refuses this conversation: the hints decide
+            tail = None
+        else:
+            tail = text_after_message(rendered, alignment.fields, k)
+        if key is not None:
+            self._tails[key] = tail
+        return tail
 
     def _output_start(self, conv: Conversation, alignment: Alignment, placeholders: list[dict], k: int,
                       low: int, high: int, anchored: bool) -> int | None:
