@@ -10,9 +10,10 @@ found by comparing two renders of the same conversation, not by looking for know
   the messages up to it: closing marker + separator, plus anything a template writes at the very end).
 
 Their common beginning is the closing marker and the separator; the pure-whitespace separator at its end
-is left out (ChatML's newline after `<|im_end|>` stays untrained). Two guards keep it from reaching into
+is left out (ChatML's newline after `<|im_end|>` stays untrained). Three guards keep it from reaching into
 the next message: it never ends inside a special token (two headers that share their first characters),
-and it stops where the generation prompt begins (a template that always appends the assistant header).
+it stops where the generation prompt begins (a template that always appends the assistant header), and
+it never ends with the special tokens that open every message (what the render starts with).
 When the two renders disagree from the start (gpt-oss closes the last turn with `<|return|>` and earlier
 ones with `<|end|>`), the known markers and the EOS decide, as hints.
 """
@@ -45,24 +46,69 @@ def unsplit(text: str, n: int, atoms: re.Pattern | None, longest: int) -> int:
 
 
 def closing_text(following: str, as_last: str | None, *, generation_prompt: str,
-                 atoms: re.Pattern | None, longest: int) -> str | None:
+                 atoms: re.Pattern | None, longest: int, openings: tuple[str, ...] = ()) -> str | None:
     """The closing marker of a turn (see the module docstring): text that may start with whitespace and
     never ends with it; "" when the template writes nothing after the turn; None when the two renders
-    disagree from the start or `as_last` is unknown (the caller then falls back on `hint_closing`)."""
+    disagree from the start or `as_last` is unknown (the caller then falls back on `hint_closing`).
+
+    The renders are compared with whitespace left out (Nemotron writes `</TOOLCALL><SPECIAL_12>` after
+    a last tool call and `</TOOLCALL>\n<SPECIAL_12>` before more): the marker is `following`'s text.
+    """
     if as_last is None:
         return None
-    n = len(os.path.commonprefix([following, as_last]))
-    n = unsplit(following, n, atoms, longest)
-    n = unsplit(as_last, n, atoms, longest)
+    count = _common_visible(following, as_last)  # characters other than whitespace both begin with
+    while True:  # never end inside a special token of either text
+        cut = min(_visible(following, unsplit(following, _position(following, count), atoms, longest)),
+                  _visible(as_last, unsplit(as_last, _position(as_last, count), atoms, longest)))
+        if cut == count:
+            break
+        count = cut
     prompt = generation_prompt.strip()
     if prompt:  # the header the template appends after the last turn is not part of its closing
         for text in (as_last, following):
-            at = text.find(prompt, 0, n + len(prompt))
-            if 0 <= at < n:
-                n = at
-    marker = following[:n].rstrip()
+            at = text.find(prompt, 0, _position(text, count) + len(prompt))
+            if 0 <= at and _visible(text, at) < count:
+                count = _visible(text, at)
+    marker = following[:_position(following, count)].rstrip()
+    for opening in openings:
+        marker = _without_opening(marker, opening, atoms)
     if not marker and as_last.strip():
         return None  # the last turn is closed otherwise than the same turn followed by more
+    return marker
+
+
+def _common_visible(a: str, b: str) -> int:
+    """How many characters other than whitespace `a` and `b` begin with alike (whitespace left out)."""
+    a_visible, b_visible = "".join(a.split()), "".join(b.split())
+    return len(os.path.commonprefix([a_visible, b_visible]))
+
+
+def _visible(text: str, position: int) -> int:
+    """The number of characters other than whitespace in `text[:position]`."""
+    return position - sum(c.isspace() for c in text[:position])
+
+
+def _position(text: str, count: int) -> int:
+    """The end of the first `count` characters of `text` other than whitespace (0 for none)."""
+    if count <= 0:
+        return 0
+    seen = 0
+    for position, char in enumerate(text):
+        if not char.isspace():
+            seen += 1
+            if seen == count:
+                return position + 1
+    return len(text)
+
+
+def _without_opening(marker: str, opening: str, atoms: re.Pattern | None) -> str:
+    """`marker` less the special tokens at its end that open every message (Command R7B starts each turn
+    with `<|START_OF_TURN_TOKEN|>` and appends one after the last turn: the two renders share it)."""
+    if not opening or atoms is None:
+        return marker
+    for start in range(len(marker)):  # the longest such end first
+        if atoms.match(marker, start) and opening.startswith(marker[start:]):
+            return marker[:start].rstrip()
     return marker
 
 

@@ -47,6 +47,7 @@ _PLACEHOLDER_RENDERS_KEPT = 512  # shapes of conversation whose placeholder rend
 # Jinja that can reach a message's keys without naming them (filters over a whole dict, dict methods).
 _GENERIC_ACCESS = re.compile(r"\|\s*(?:tojson|string|pprint|dictsort|xmlattr|list)\b|\.(?:items|keys|values)\s*\(")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_MARKER_SHAPE = re.compile(r"<\|[^<>|\s]{1,40}\|>|<｜[^<>｜]{1,40}｜>|</?[A-Za-z_][\w:.\-]{0,40}>|\[\|?/?[A-Za-z_]{2,30}\|?\]")
 SYSTEM_HINT = ("the template rejects the system message: set `system_role: merge` (--system-role merge) "
                "to fold it into the first user turn, or `system_role: drop`")
 
@@ -73,8 +74,10 @@ class ConversationEncoder(TurnSpans):
         hints = {m for m in END_OF_TURN_MARKERS if m in vocab or m in template_text}
         if tokenizer.eos_token:
             hints.add(tokenizer.eos_token)
-        # Strings a closing marker must never split: the vocabulary's added (special) tokens and the hints.
-        atoms = {*hints, *tokenizer.get_added_vocab()}
+        # Strings a closing marker must never split: the vocabulary's added (special) tokens, the hints, and
+        # what the template writes in the shape of a marker (`<|...|>`, `<tag>`, `[|...|]`, `[TAG]`), which
+        # a tokenizer that lacks them still reads as one unit of the format.
+        atoms = {*hints, *tokenizer.get_added_vocab(), *_MARKER_SHAPE.findall(template_text)}
         self.special_atoms = special_strings_re(atoms)
         self.longest_atom = max((len(a) for a in atoms), default=0)
         # Whether the template reads a reasoning key at all (gpt-oss reads `thinking`, which the renderer
@@ -86,7 +89,9 @@ class ConversationEncoder(TurnSpans):
         self._keys_read: dict[str, bool] = {}
         self._reads_generically = bool(_GENERIC_ACCESS.search(template_text))
         self._tails: dict[tuple[str, int, str], str | None] = {}
+        self._closings: dict[tuple[str, str, str], str | None] = {}
         self.generation_prompt = self._probe_generation_prompt()
+        self.message_opening = self._probe_message_opening()
         self._closing_re = special_strings_re(hints) or re.compile("(?!)")  # the hints alone, for the probe
         # Longest first, so that a marker that contains another one wins at the same position.
         self.closing_markers = sorted({*hints, *probe_closing_markers(self)}, key=len, reverse=True)
@@ -155,6 +160,22 @@ class ConversationEncoder(TurnSpans):
         except Exception:  # a template that needs more than one user turn: positions fall back to content
             return ""
         return with_prompt[len(without):] if with_prompt.startswith(without) else ""
+
+    def _probe_message_opening(self) -> str:
+        """The template text before the first message's content, less the BOS: what opens a message
+        (`<|im_start|>user\n`), or "" when the template refuses the probe."""
+        from instructune.data.spans import placeholder_text
+
+        probe = Conversation([Message("user", placeholder_text(0))])
+        try:
+            rendered = self.render(probe)[0]
+        except Exception:
+            return ""
+        opening = rendered[: max(rendered.find(placeholder_text(0)), 0)]
+        bos = self.tokenizer.bos_token
+        if bos and opening.startswith(bos):
+            opening = opening[len(bos):]
+        return opening.lstrip()
 
     # -- the public entry points -------------------------------------------------------------------
 

@@ -228,12 +228,22 @@ def add_template_tokens(tokenizer, template: str | os.PathLike | None) -> list[s
 
 
 def end_of_turn_token_ids(tokenizer, template_text: str) -> list[int]:
-    """Token ids that end an assistant turn under this template (for stopping generation)."""
+    """Token ids that end an assistant turn under this template (for stopping generation): the EOS, the
+    closing marker the template writes after an assistant turn (derived from its renders, as training
+    does) when it is one token, and the known markers the template names."""
+    from instructune.data.encode import ConversationEncoder
+
     ids = []
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     vocab = tokenizer.get_vocab()
-    for marker in END_OF_TURN_MARKERS:
+    try:
+        derived = ConversationEncoder(tokenizer, template_text).closing_markers
+    except Exception:  # a template the probes cannot render: the known markers below still apply
+        derived = []
+    for marker in [*derived, *END_OF_TURN_MARKERS]:
         if marker in template_text and marker in vocab and vocab[marker] not in ids:
+            ids.append(vocab[marker])
+        elif marker in derived and marker in vocab and vocab[marker] not in ids:
             ids.append(vocab[marker])
     return ids

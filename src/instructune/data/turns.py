@@ -19,6 +19,9 @@ from instructune.data.conversation import Conversation, Message
 from instructune.data.encoded import ROLE_CODE
 from instructune.data.spans import Alignment, placeholder_text, text_after_message
 
+_UNKNOWN = object()
+_CLOSINGS_KEPT = 4096  # closing markers derived, kept per (text after the turn, text to compare, opening)
+
 
 class DropRow(Exception):
     """The row cannot be encoded exactly; `reason` is the short name it is counted under."""
@@ -122,8 +125,16 @@ class TurnSpans:
             other = following if other is None else other
         else:
             other = self._text_after_as_last(conv, alignment, placeholders, k)
-        marker = closing_text(following, other, generation_prompt=self.generation_prompt,
-                              atoms=self.special_atoms, longest=self.longest_atom)
+        # Rows of one shape close their turns alike: the rule runs once per distinct pair of texts.
+        key = (following, other, alignment.segments[0] if alignment.segments else "")
+        marker = self._closings.get(key, _UNKNOWN)
+        if marker is _UNKNOWN:
+            marker = closing_text(following, other, generation_prompt=self.generation_prompt,
+                                  atoms=self.special_atoms, longest=self.longest_atom,
+                                  openings=(self.message_opening, self._row_opening(alignment)))
+            if len(self._closings) >= _CLOSINGS_KEPT:
+                self._closings.clear()
+            self._closings[key] = marker
         if marker is None:  # the renders disagree: the known markers and the EOS decide
             hint = hint_closing(following, self._closing_re)
             return (after + hint[0], after + hint[1]) if hint else None
@@ -142,6 +153,12 @@ class TurnSpans:
                     return after + start, end
             return end, end  # no marker to tell from the call: the whole text is the call's
         return after, end
+
+    def _row_opening(self, alignment: Alignment) -> str:
+        """What this row's render writes before its first field, less the BOS: how a message opens."""
+        opening = alignment.segments[0] if alignment.segments else ""
+        bos = self.tokenizer.bos_token
+        return (opening[len(bos):] if bos and opening.startswith(bos) else opening).lstrip()
 
     def _text_after_as_last(self, conv: Conversation, alignment: Alignment, placeholders: list[dict],
                             k: int) -> str | None:
