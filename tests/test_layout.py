@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "instructune"
 
-STAGES = ("data", "show", "model", "train", "use", "study", "commands", "cli")
+STAGES = ("data", "show", "model", "train", "use", "study", "api", "commands", "cli")
 """The pipeline in order; a module may import from its own stage and the ones before it."""
 BASE = ("instructune", "instructune.errors", "instructune.cache", "instructune.ranges", "instructune.testing")
 """Importable from anywhere: the package root (IGNORE_INDEX), the user-error type, where the cache lives,

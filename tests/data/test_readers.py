@@ -31,6 +31,21 @@ def test_override_with_missing_key_names_the_row_and_keys(tmp_path):
     assert "'instruction', 'output'" in message
 
 
+def test_a_bad_row_error_names_file_line_and_field_and_the_way_to_skip_such_rows(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "a", "output": 3})
+                    + "\n" + '{"instruction": "a", "output": \n')
+    with pytest.raises(UserError) as info:
+        read_conversations(path)
+    assert str(info.value).startswith(f"{path}, line 2, field 'output': ")
+    assert str(info.value).endswith("(to skip bad rows instead: --on-bad-row skip, or on_bad_row=skip for instructune train)")
+    # The broken JSON line (the case) says the same; skipping then keeps the good row.
+    path.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + '{"instruction": "a", "output": \n')
+    with pytest.raises(UserError, match=r"line 2: invalid JSON .*--on-bad-row skip"):
+        read_conversations(path)
+    assert len(read_conversations(path, on_bad_row="skip").conversations) == 1
+
+
 # ---- skip mode ----------------------------------------------------------------------------------
 
 

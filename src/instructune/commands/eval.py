@@ -33,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate `--model` on `args.data` (default: the built-in held-out set); print and write the results."""
     from rich.console import Console
 
-    from instructune.use.evaluate import default_eval_data, evaluate_dataset, totals_table, write_results
-    from instructune.use.loading import load_for_inference
+    from instructune.api import evaluate, load, options_as_keywords
+    from instructune.use.evaluate import default_eval_data, totals_table, write_results
     from instructune.use.text_metrics import rouge_available
 
     options = encoding_options(args)
@@ -44,15 +44,16 @@ def run(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
     if not args.data:
         console.print(f"data: the built-in held-out set ({data})", markup=False, soft_wrap=True)
-    loaded = load_for_inference(args.model, template=options.template, device=args.device,
-                                trust_remote_code=args.trust_remote_code)
+    loaded = load(args.model, template=options.template, device=args.device,
+                  trust_remote_code=args.trust_remote_code)
     if not args.no_generate and not rouge_available():
         console.print("note: ROUGE-L needs the `rapidfuzz` package (pip install 'instructune[eval]'); "
                       "it is left out", markup=False, soft_wrap=True)
     with progress_display() as bars:
-        results, totals = evaluate_dataset(
-            loaded, data, options, limit=args.limit, max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size, generate=not args.no_generate, progress=bars)
+        evaluation = evaluate(loaded, data, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size, generate=not args.no_generate, progress=bars,
+                              **options_as_keywords(options))
+    results, totals = evaluation.rows, evaluation.totals
     console.print(totals_table(totals))
     if args.output:
         meta = {"model": args.model, "data": data, "template": options.template or "model",

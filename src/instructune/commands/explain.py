@@ -40,16 +40,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
+    from instructune.api import explain, load
     from instructune.show.jsonl import atomic_writer
     from instructune.show.tokens import special_ids
     from instructune.use.explain import (
         conversation_at,
         example_conversation,
-        explain_conversation,
         explanation_html,
         print_explanation,
     )
-    from instructune.use.loading import load_for_inference
 
     options = encoding_options(args)  # checks --format before anything is loaded
     by_flags = args.instruction is not None or args.response is not None
@@ -62,10 +61,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         conv = conversation_at(args.data, args.row, options.data_format)
     # fp32 on every device: the lesson is in the probabilities, which bf16 would blur.
-    loaded = load_for_inference(args.model, template=args.template, device=args.device, dtype=torch.float32,
-                                trust_remote_code=args.trust_remote_code)
-    explanation = explain_conversation(loaded.model, loaded.tokenizer, loaded.template, conv, top_k=args.top_k,
-                                       instruction_weight=args.instruction_weight)
+    loaded = load(args.model, template=args.template, device=args.device, dtype=torch.float32,
+                  trust_remote_code=args.trust_remote_code)
+    explanation = explain(loaded, conv, top_k=args.top_k, instruction_weight=args.instruction_weight)
 
     console = Console(highlight=False)
     print_explanation(console, explanation)

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-from instructune.errors import UserError
 
 HELP = "write a checkpoint as a GGUF file for llama.cpp (f32, f16 or q8_0)"
 DESCRIPTION = ("Write a checkpoint (full fine-tuning, or a LoRA adapter merged into its base) as a GGUF file "
@@ -32,13 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export the checkpoint; returns the exit status."""
-    from instructune.model.export import check_output, export_gguf
-    from instructune.model.load import DEFAULT_MODEL
+    from instructune.api import export_gguf
 
-    check_output(args.gguf, overwrite=args.overwrite)  # before minutes of loading
-    if args.checkpoint.strip().lower() != DEFAULT_MODEL and not Path(args.checkpoint).expanduser().exists():
-        raise UserError(f"checkpoint not found: {args.checkpoint} (give a checkpoint folder such as "
-                        "runs/default/checkpoint-57, a model folder or a .gguf file)")
     out = export_gguf(args.checkpoint, args.gguf, kind=args.gguf_type, overwrite=args.overwrite)
     size_mb = out.stat().st_size / 1e6
     print(f"wrote {out} ({args.gguf_type}, {size_mb:.0f} MB)", file=sys.stderr)

@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     """Prepare `args.data`, print the first `--limit` rows and the summary, write `--html`/`--jsonl`."""
     from rich.console import Console
 
-    from instructune.data.prepare import nothing_kept, prepare_dataset
+    from instructune.api import encode, options_as_keywords
+    from instructune.data.prepare import nothing_kept
     from instructune.data.templates import check_template_choice
     from instructune.model.load import load_tokenizer
     from instructune.show.html import write_html
@@ -40,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     options = encoding_options(args)
     check_template_choice(options.template)  # a broken template file: one line, before anything is loaded
     tokenizer = load_tokenizer(args.tokenizer, trust_remote_code=getattr(args, "trust_remote_code", False))
-    prepared = prepare_dataset(args.data, tokenizer, options, num_proc=args.num_proc,
-                               cache_dir=False if args.no_cache else None)
+    prepared = encode(args.data, tokenizer, **options_as_keywords(options), num_proc=args.num_proc,
+                      cache=not args.no_cache)
     views = [row_view(row, tokenizer) for row in prepared.rows[:args.limit]]
 
     console = Console(highlight=False)

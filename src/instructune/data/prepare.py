@@ -33,7 +33,7 @@ from instructune.data.encode import ConversationEncoder, DropRow
 from instructune.data.encoded import EncodedRow, PreparationReport
 from instructune.data.options import DEFAULT_ENCODING, EncodingOptions
 from instructune.data.shards import finished_shard, lengths_of, load_manifest, write_manifest, write_shard
-from instructune.data.stream import StreamTally, chunked, stream_conversations
+from instructune.data.stream import StreamTally, chunked, record_rows, stream_conversations
 from instructune.data.templates import add_template_tokens, resolve_template
 from instructune.errors import UserError
 
@@ -69,6 +69,21 @@ class PreparedDataset:
     read_again: Callable[[], Iterator[tuple[int, Conversation]]] | None = None
     """Reads the source's conversations again (what `conversations` lists)."""
     _conversations: list[tuple[int, Conversation]] | None = None
+    tokenizer: object = None
+    """The tokenizer the rows were encoded with."""
+    options: EncodingOptions = DEFAULT_ENCODING
+    """The encoding options the rows were made with."""
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def to_hf(self, *, streaming: bool = False):
+        """The rows as a `datasets.Dataset` (`datasets.IterableDataset` with `streaming=True`, for data
+        larger than memory) with columns `input_ids`, `labels` (-100 where not trained), `attention_mask`
+        and `row` (the source row): what TRL's `SFTTrainer` and transformers' `Trainer` take as is."""
+        from instructune.data.hf_dataset import to_hf_dataset, to_iterable_hf_dataset
+
+        return to_iterable_hf_dataset(self.rows) if streaming else to_hf_dataset(self.rows)
 
     @property
     def conversations(self) -> list[tuple[int, Conversation]]:
@@ -82,11 +97,15 @@ class PreparedDataset:
         return self._conversations
 
 
-def prepare_dataset(data: str | os.PathLike | list[Conversation], tokenizer,
+def prepare_dataset(data: str | os.PathLike | Sequence[Conversation | dict | list], tokenizer,
                     options: EncodingOptions = DEFAULT_ENCODING, *, template_text: str | None = None,
                     num_proc: int | None = None,
                     cache_dir: str | os.PathLike | None | bool = None, limit: int | None = None) -> PreparedDataset:
     """Read `data`, encode every row with masks, and report; `cache_dir=False` disables the cache.
+
+    `data` is a source (a file, a folder, a Hub dataset name), or rows in memory: `Conversation`s, or
+    records in any dataset format (dicts; a list of messages is a `messages` record), which are read
+    like a file's rows (the same format detection, checks and errors, the source named `records`).
 
     A built-in template's missing markers are added to `tokenizer` as special tokens (see
     `templates.add_template_tokens`); a caller holding a model resizes its embeddings to match.
@@ -102,13 +121,17 @@ def prepare_dataset(data: str | os.PathLike | list[Conversation], tokenizer,
         if isinstance(data, (str, os.PathLike)):
             return stream_conversations(data, data_format=options.data_format, on_bad_row=options.on_bad_row,
                                         limit=limit, tally=tally)
+        if not all(isinstance(item, Conversation) for item in data):
+            return stream_conversations("records", data_format=options.data_format, on_bad_row=options.on_bad_row,
+                                        limit=limit, tally=tally, rows=record_rows(data))
         conversations = list(enumerate(data))[:limit]
         if tally is not None:
             tally.rows_read = tally.conversations = len(conversations)
         return iter(conversations)
 
     report, tally = PreparationReport(), StreamTally()
-    prepared = PreparedDataset(rows=[], report=report, template=template_text, read_again=read)
+    prepared = PreparedDataset(rows=[], report=report, template=template_text, read_again=read, tokenizer=tokenizer,
+                               options=options)
     if cache_dir is False:
         conversations = list(read(tally))
         prepared._conversations = conversations

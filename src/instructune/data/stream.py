@@ -45,13 +45,18 @@ class StreamTally:
     """How many bad rows `bad_row_indices` names (None: every one)."""
 
 
+SKIP_HINT = " (to skip bad rows instead: --on-bad-row skip, or on_bad_row=skip for instructune train)"
+"""Added to the error a bad row raises: most bad rows are a few broken lines in a large file."""
+
+
 def stream_conversations(source: str | os.PathLike, data_format: str | None = None, on_bad_row: str = "error",
-                         limit: int | None = None, tally: StreamTally | None = None
-                         ) -> Iterator[tuple[int, Conversation]]:
+                         limit: int | None = None, tally: StreamTally | None = None,
+                         rows: Iterable[RawRow] | None = None) -> Iterator[tuple[int, Conversation]]:
     """Yield (row index, conversation) for every good row of `source`, as `read_conversations` lists them.
 
     Counts go into `tally`. The errors are `read_conversations`' own; the one for a source without a good
-    row comes once the stream is exhausted.
+    row comes once the stream is exhausted. `rows` are the source's rows when they are already in memory
+    (`record_rows`); `source` then only names them in errors.
     """
     if on_bad_row not in ON_BAD_ROW:
         raise UserError(f"on_bad_row must be one of {', '.join(ON_BAD_ROW)}, got {on_bad_row!r}")
@@ -59,7 +64,7 @@ def stream_conversations(source: str | os.PathLike, data_format: str | None = No
     fmt = normalize_format_name(data_format) if data_format is not None else None
     tally.format = fmt or ""
     convert = FORMATS[fmt].convert if fmt else None
-    for row_index, raw in enumerate(iter_rows(source)):
+    for row_index, raw in enumerate(iter_rows(source) if rows is None else rows):
         if limit is not None and row_index >= limit:
             break
         tally.rows_read += 1
@@ -79,7 +84,7 @@ def stream_conversations(source: str | os.PathLike, data_format: str | None = No
         except ConversationError as exc:
             message = f"{raw.location(exc.field)}: {exc}"
             if on_bad_row == "error":
-                raise UserError(message) from None
+                raise UserError(f"{message}{SKIP_HINT}") from None
             tally.bad_rows += 1
             if tally.named_limit is None or len(tally.bad_row_indices) < tally.named_limit:
                 tally.bad_row_indices.append(row_index)
@@ -93,6 +98,13 @@ def stream_conversations(source: str | os.PathLike, data_format: str | None = No
             raise UserError(f"{source}: no rows to read")
         raise UserError(f"{source}: all {tally.rows_read} rows are bad, nothing to train on; the first: "
                         f"{tally.bad_row_messages[0]}")
+
+
+def record_rows(records: Iterable, source: str = "records") -> Iterator[RawRow]:
+    """In-memory records (dicts in any dataset format) as the rows of a source named `source`; a list of
+    messages stands for `{"messages": [...]}`."""
+    for index, record in enumerate(records):
+        yield RawRow(source, index, None, {"messages": record} if isinstance(record, list) else record)
 
 
 def _record_of(raw: RawRow) -> dict:
