@@ -31,7 +31,7 @@ REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 the order the renderer reads them (it fills `reasoning_content` and `thinking` from the first one)."""
 
 _PLACEHOLDER = "ZqPH{}QZ"  # ASCII and word-like: survives trim, strip, split, tojson and lstrip('\n')
-_PLACEHOLDER_RE = re.compile(r"ZqPH(\d+)QZ")
+_PLACEHOLDER_RE = re.compile(r"ZqPH(\d+)QZ", re.I)  # a template may change its case
 _INLINE_THINK = re.compile(r"(\s*<think>)(.*?)(</think>)", re.S)  # reasoning written into the content
 _ANCHOR_TAIL = 32  # characters of template text before a field that must precede it in a search
 
@@ -50,6 +50,13 @@ class Field:
     """How many times the placeholder render wrote it (a trained field must appear exactly once)."""
     source: str = ""
     """For reasoning: the message key it came from, or `inline` (a <think> block in the content)."""
+    rendered: str | None = None
+    """The text the template wrote for it, when that is not the value itself (a transformed last field)."""
+
+    @property
+    def text(self) -> str:
+        """What the render holds for this field: its value, or what the template made of it."""
+        return self.value if self.rendered is None else self.rendered
 
 
 def reasoning_of(message) -> tuple[str | None, str]:
@@ -133,6 +140,7 @@ class Alignment:
                 f.occurrences = 0
             if self.valid:
                 self._search()
+                self._locate_transformed_last_field()
 
     def _align_exactly(self) -> bool:
         values = [self.fields[i].value for i in self.order]
@@ -180,6 +188,38 @@ class Alignment:
             if at is not None and at >= 0:
                 field.start, field.end = at, at + len(value)
                 pos = field.end
+
+    def _locate_transformed_last_field(self) -> None:
+        """The render's last field, when the template transformed it (`replace`, `upper`): between the
+        template text written just before it and the template text that ends the render.
+
+        Only the last field; the template text between fields is found in order, each piece where it first
+        occurs after the one before, and the render must end with the template's final text; what lies
+        between is the field's rendered text, unless it holds the text before it again (then an earlier
+        field held that text and the place is not certain). (docs/masking.md, rule 7.)
+        """
+        if not self.order or len(self.segments) != len(self.order) + 1:
+            return
+        field = self.fields[self.order[-1]]
+        if field.start is not None or field.kind != "content" or field.message != max(f.message for f in self.fields):
+            return
+        before, final = self.segments[-2], self.segments[-1]
+        end = len(self.full) - len(final)
+        if not before.strip() or not self.full.endswith(final):
+            return
+        # The template's text between fields, in order, each where it first occurs after the one before.
+        if not self.full.startswith(self.segments[0]):
+            return
+        start = len(self.segments[0])
+        for segment in self.segments[1:-1]:
+            at = self.full.find(segment, start, end)
+            if at < 0:
+                return
+            start = at + len(segment)
+        # Had an earlier field held the text that comes before the last one, that text would still follow.
+        if end > start and self.full[start:end].strip() and before.strip() not in self.full[start:end]:
+            field.start, field.end = start, end
+            field.rendered = self.full[start:end]
 
     def to_full(self, p: int) -> int | None:
         """The full-render position of placeholder-render position `p`, when `p` is in template text."""

@@ -90,7 +90,7 @@ class TurnSpans:
             # The prompt may end inside the first field's leading whitespace (QwQ's prompt ends with
             # "<think>\n", which an inline reasoning also starts with). Without a field of its own,
             # the turn's place comes only from the render up to it.
-            limit = high if first is None else first + len(own[0].value) - len(own[0].value.lstrip())
+            limit = high if first is None else first + len(own[0].text) - len(own[0].text.lstrip())
             start = self._output_start(conv, alignment, placeholders, k, low, limit, anchored=first is not None)
         if start is None:
             start = first
@@ -110,7 +110,7 @@ class TurnSpans:
             # Another turn's prompt before the turn's fields or after them: the span crosses a turn.
             # (Between them it is the turn's own: gpt-oss writes reasoning and answer as two messages.)
             raise DropRow("content_not_found", f"message {k}'s span would reach into another turn")
-        texts = [f.value for f in own if f.kind == "content" or (f.kind == "reasoning" and reasoning_trained)]
+        texts = [f.text for f in own if f.kind == "content" or (f.kind == "reasoning" and reasoning_trained)]
         return TurnSpan(index=k, start=start, end=end, marker_start=marker_start, texts=tuple(texts))
 
     def _closing(self, conv: Conversation, full: str, alignment: Alignment, placeholders: list[dict], k: int,
