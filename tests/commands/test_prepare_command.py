@@ -125,7 +125,7 @@ def test_a_write_that_fails_half_way_leaves_the_old_folder_and_no_leftovers(tmp_
     assert main(["prepare", str(data), "--tokenizer", str(model), "--output", str(out)]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def failing(rows):
+    def failing(rows, *sources):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(prepared_folder, "arrow_batches", failing)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from instructune.commands.arguments import add_encoding_arguments, encoding_options
+from instructune.errors import UserError
 
 HELP = "encode a dataset with its masks and write it as a dataset folder (for TRL, Trainer, ...)"
 DESCRIPTION = ("Encode a dataset exactly as `instructune train` does and write the rows as a Hugging Face "
@@ -17,8 +18,10 @@ OUTPUT_FORMATS = ("hf", "parquet", "jsonl")  # = show.prepared_folder.FORMATS, s
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The dataset, the tokenizer, how to encode, and where and how to write."""
-    p.add_argument("data", help="a .json/.jsonl/.parquet/.csv file, a folder of them, or a Hugging Face dataset name")
-    p.add_argument("--tokenizer", required=True, help="a Hub id, a local folder or a .gguf file")
+    p.add_argument("data", help="a .json/.jsonl/.parquet/.csv file, a folder of them, a Hugging Face dataset name, "
+                                "or a training config (.yaml): the training rows `instructune train` prepares from it")
+    p.add_argument("--tokenizer", help="a Hub id, a local folder or a .gguf file (with a config: its tokenizer "
+                                       "or model unless given)")
     p.add_argument("--output", required=True, metavar="DIR", help="the folder to write (new, or empty)")
     p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="hf",
                    help="hf: a datasets folder (default); parquet: DIR/data.parquet; jsonl: DIR/data.jsonl")
@@ -33,18 +36,38 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from instructune.api import encode, options_as_keywords, save_prepared
+    from instructune.commands.inspect import is_config, refuse_encoding_flags
+    from instructune.data.prepare import PreparedDataset
     from instructune.data.templates import check_template_choice
     from instructune.model.load import load_tokenizer
     from instructune.show.prepared_folder import check_output_folder
     from instructune.show.summary import render_summary
+    from instructune.train.training_data import rows_of_config
 
     options = encoding_options(args)
     check_output_folder(args.output, overwrite=args.overwrite)  # before any work
     check_template_choice(options.template)  # a broken template file: one line, before anything is loaded
-    tokenizer = load_tokenizer(args.tokenizer, trust_remote_code=getattr(args, "trust_remote_code", False))
-    prepared = encode(args.data, tokenizer, **options_as_keywords(options), num_proc=args.num_proc,
-                      cache=not args.no_cache)
+    if is_config(args.data):  # a mixture's training rows carry their `source` column
+        refuse_encoding_flags(args, options)
+        found = rows_of_config(args.data, args.tokenizer, cache=not args.no_cache)
+        args.tokenizer = found.tokenizer_name
+        prepared = PreparedDataset(rows=found.rows, report=found.report, template=found.template,
+                                   tokenizer=found.tokenizer, options=found.options)
+    else:
+        if not args.tokenizer:
+            raise UserError("--tokenizer is required (a Hub id, a local folder or a .gguf file), unless DATA is a "
+                            "training config")
+        tokenizer = load_tokenizer(args.tokenizer, trust_remote_code=getattr(args, "trust_remote_code", False))
+        prepared = encode(args.data, tokenizer, **options_as_keywords(options), num_proc=args.num_proc,
+                          cache=not args.no_cache)
     console = Console(highlight=False)
+    if is_config(args.data) and found.mixture is not None:
+        from instructune.show.mixture import sources_tables
+        from instructune.show.summary import render_table
+
+        for table in sources_tables(found.mixture.sources):
+            console.print(render_table(table))
+            console.print()
     console.print(render_summary(prepared.report))
     console.print()
     out = save_prepared(prepared, args.output, fmt=args.output_format, overwrite=args.overwrite, source=args.data,

@@ -34,6 +34,8 @@ class EncodedRow:
     truncated: bool = False
     turn: int | None = None
     """For a row of an expanded conversation (docs/masking.md, rule 8a): the message it trains; else None."""
+    source: str | None = None
+    """The mixture source the row came from (its `label`), or None for a single source."""
 
     def __len__(self) -> int:
         return len(self.input_ids)

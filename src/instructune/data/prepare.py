@@ -32,9 +32,17 @@ from instructune.data.conversation import Conversation
 from instructune.data.encode import ConversationEncoder, DropRow
 from instructune.data.encoded import EncodedRow, PreparationReport
 from instructune.data.options import DEFAULT_ENCODING, EncodingOptions
-from instructune.data.shards import finished_shard, lengths_of, load_manifest, write_manifest, write_shard
+from instructune.data.shards import (
+    cache_full_error,
+    finished_shard,
+    lengths_of,
+    load_manifest,
+    write_manifest,
+    write_shard,
+)
 from instructune.data.stream import StreamTally, chunked, record_rows, stream_conversations
 from instructune.data.templates import add_template_tokens, resolve_template
+from instructune.disk import is_disk_full
 from instructune.errors import UserError
 
 # Below this many rows, starting worker processes costs more than it saves.
@@ -97,7 +105,7 @@ class PreparedDataset:
         return self._conversations
 
 
-def prepare_dataset(data: str | os.PathLike | Sequence[Conversation | dict | list], tokenizer,
+def prepare_dataset(data: str | os.PathLike | Sequence[Conversation | dict | list] | Callable, tokenizer,
                     options: EncodingOptions = DEFAULT_ENCODING, *, template_text: str | None = None,
                     num_proc: int | None = None,
                     cache_dir: str | os.PathLike | None | bool = None, limit: int | None = None) -> PreparedDataset:
@@ -105,7 +113,9 @@ def prepare_dataset(data: str | os.PathLike | Sequence[Conversation | dict | lis
 
     `data` is a source (a file, a folder, a Hub dataset name), or rows in memory: `Conversation`s, or
     records in any dataset format (dicts; a list of messages is a `messages` record), which are read
-    like a file's rows (the same format detection, checks and errors, the source named `records`).
+    like a file's rows (the same format detection, checks and errors, the source named `records`), or a
+    function `read(tally)` that yields (row index, conversation) and counts into the `StreamTally` it
+    is given (when not None), as `stream.stream_conversations` does (`limit` does not apply to it).
 
     A built-in template's missing markers are added to `tokenizer` as special tokens (see
     `templates.add_template_tokens`); a caller holding a model resizes its embeddings to match.
@@ -118,6 +128,8 @@ def prepare_dataset(data: str | os.PathLike | Sequence[Conversation | dict | lis
     encoder = ConversationEncoder(tokenizer, template_text, options)
 
     def read(tally: StreamTally | None = None) -> Iterator[tuple[int, Conversation]]:
+        if callable(data):  # a reader of its own (a mixture's source: data/mixture_sources.py)
+            return data(tally)
         if isinstance(data, (str, os.PathLike)):
             return stream_conversations(data, data_format=options.data_format, on_bad_row=options.on_bad_row,
                                         limit=limit, tally=tally)
@@ -151,9 +163,11 @@ def prepare_dataset(data: str | os.PathLike | Sequence[Conversation | dict | lis
         try:
             _encode_to_shards(encoder, read(), entry, num_proc, tally.conversations)
             stored = load_manifest(entry)
-        except OSError:
+        except OSError as error:
+            if is_disk_full(error):  # the run would fill the same disk with its checkpoints: say so now
+                raise cache_full_error(entry, tally.conversations) from None
             stored = None
-    if stored is None:  # the cache is an optimisation: a read-only or full disk must not stop the run
+    if stored is None:  # the cache is an optimisation: a read-only cache folder must not stop the run
         prepared._conversations = list(read())
         prepared.rows, encoding_report = encode_conversations(encoder, prepared._conversations, num_proc)
         report.merge(encoding_report)

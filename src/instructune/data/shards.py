@@ -14,7 +14,10 @@ is scored, its label then being the token itself), `rows` (int64 source row inde
 -1 for none) and `truncated` (bool); `report.json` is the chunk's part of the report, and `meta.json`
 the checksums of the other files. A shard is written in a temporary folder and renamed into place, so a
 folder with a shard's name is whole unless the disk itself damaged it, which the checksums catch:
-a preparation that was interrupted resumes from the shards that check out and redoes the rest.
+a preparation that was interrupted resumes from the shards that check out and redoes the rest. Reading
+a finished entry back checks every file's checksum too (about 3 GB/s), so a shard damaged since it was
+written is found and encoded again, never read as rows. A full disk stops the preparation with one
+error (`cache_full_error`) and leaves the finished shards in place for the next run.
 
 `ShardedRows` reads the rows of a finished entry by index without loading them: each file is mapped,
 and a row becomes an `EncodedRow` only when it is asked for.
@@ -35,6 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from instructune.data.encoded import EncodedRow, PreparationReport, length_array
+from instructune.disk import disk_full_error, human_size
+from instructune.errors import UserError
 
 IGNORE_INDEX = -100
 TRAINED = 0x80
@@ -142,15 +147,33 @@ def report_from_json(values: dict) -> PreparationReport:
 def write_manifest(entry: Path, shards: list[dict], report: PreparationReport) -> None:
     """Mark the entry finished: its shards in order (`number`, `first_row`, `conversations`) and the report."""
     tmp = entry / "manifest.json.tmp"
-    tmp.write_text(json.dumps({"format": SHARD_FORMAT, "shards": shards, "report": report_to_json(report)}))
-    os.replace(tmp, entry / "manifest.json")
+    try:
+        tmp.write_text(json.dumps({"format": SHARD_FORMAT, "shards": shards, "report": report_to_json(report)}))
+        os.replace(tmp, entry / "manifest.json")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cache_full_error(entry: Path, conversations: int) -> UserError:
+    """The error of a preparation that filled the disk: the cache entry, and about how much room the whole
+    of it needs, judged from the shards finished so far (which stay, for the next run to keep)."""
+    done, written = 0, 0
+    for meta in entry.glob("shards/*/meta.json"):
+        try:
+            values = json.loads(meta.read_text())
+            done += int(values["conversations"])
+            written += sum(size for size, _ in values["files"].values())
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    needed = round(written / done * conversations) if done else None
+    kept = f"the {human_size(written)} of shards finished so far are kept and reused; " if done else ""
+    return disk_full_error(entry, needed, hint=f"{kept}free some space, or set INSTRUCTUNE_CACHE to a folder "
+                                                "with room, and run again")
 
 
 def load_manifest(entry: Path) -> tuple[ShardedRows, PreparationReport] | None:
-    """The rows and encoding report of a finished entry, or None when it is missing or a shard is not whole.
-
-    Only sizes are checked here (reading every byte would cost what memory-mapping saves).
-    """
+    """The rows and encoding report of a finished entry, or None when it is missing or a shard is not whole
+    (cut short or damaged: every file's size and checksum are checked)."""
     try:
         manifest = json.loads((entry / "manifest.json").read_text())
         if manifest.get("format") != SHARD_FORMAT:
@@ -158,7 +181,7 @@ def load_manifest(entry: Path) -> tuple[ShardedRows, PreparationReport] | None:
         shards = manifest["shards"]
         for shard in shards:
             if finished_shard(entry, shard["number"], first_row=shard["first_row"],
-                              conversations=shard["conversations"], verify=False) is None:
+                              conversations=shard["conversations"]) is None:
                 return None
         return ShardedRows([shard_folder(entry, s["number"]) for s in shards]), report_from_json(manifest["report"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -211,6 +234,9 @@ class ShardedRows(RowSequence):
         np.cumsum(counts, out=self._starts[1:])
         self.lengths = np.concatenate([np.diff(s["offsets"]) for s in self._shards]).astype(np.int32) \
             if self._shards else np.zeros(0, dtype=np.int32)
+        self.source_rows = np.concatenate([s["rows"] for s in self._shards]) if self._shards \
+            else np.zeros(0, dtype=np.int64)
+        """The source row of every row, in order (without building the rows)."""
 
     def _row(self, index: int) -> EncodedRow:
         number = int(np.searchsorted(self._starts, index, side="right")) - 1
@@ -249,6 +275,32 @@ def row_lengths(rows: Sequence[EncodedRow]) -> list[int]:
     if isinstance(rows, RowSequence):
         return rows.lengths.tolist()
     return [len(row) for row in rows]
+
+
+def source_rows(rows: Sequence[EncodedRow]) -> np.ndarray:
+    """The source row (`EncodedRow.row`) of every row, without building memory-mapped rows."""
+    if isinstance(rows, ShardedRows):
+        return np.asarray(rows.source_rows, dtype=np.int64)
+    return np.fromiter((row.row for row in rows), dtype=np.int64, count=len(rows))
+
+
+def row_digests(rows: Sequence[EncodedRow]) -> list[bytes]:
+    """An 8-byte digest of every row's tokens and of which of them are trained: equal for two rows exactly
+    when training sees the same row (memory-mapped or in a list alike)."""
+    import hashlib
+
+    def digest(ids: np.ndarray, trained: np.ndarray) -> bytes:
+        return hashlib.blake2b(ids.tobytes() + trained.tobytes(), digest_size=8).digest()
+
+    if isinstance(rows, ShardedRows):
+        digests = []
+        for shard in rows._shards:
+            ids, offsets = np.asarray(shard["input_ids"], dtype=np.int32), np.asarray(shard["offsets"])
+            trained = ((np.asarray(shard["marks"]) & TRAINED) != 0).astype(np.uint8)
+            digests += [digest(ids[a:b], trained[a:b]) for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+        return digests
+    return [digest(np.asarray(row.input_ids, dtype=np.int32),
+                   (np.asarray(row.labels) != IGNORE_INDEX).astype(np.uint8)) for row in rows]
 
 
 def lengths_of(rows: RowSequence) -> array:

@@ -188,13 +188,18 @@ def _csv_rows(path: Path) -> Iterator[RawRow]:
             raise UserError(f"{where(str(path), row=index)}: cannot read the CSV file: {exc}") from None
 
 
-def iter_hub_rows(source: str) -> Iterator[RawRow]:
-    """The rows of a Hugging Face dataset `name` or `name:split` (split `train` by default)."""
+def iter_hub_rows(source: str, **load_options: Any) -> Iterator[RawRow]:
+    """The rows of a Hugging Face dataset `name` or `name:split` (split `train` by default).
+
+    `load_options` go to `datasets.load_dataset` as they are (`name` for a configuration, `revision`,
+    `data_files`, `split`, which wins over the one after the colon); those that are None are left out.
+    """
     name, _, split = source.partition(":")
+    options = {"split": split or "train", **{k: v for k, v in load_options.items() if v is not None}}
     try:
         import datasets
 
-        dataset = datasets.load_dataset(name, split=split or "train")
+        dataset = datasets.load_dataset(name, **options)
     except Exception as exc:  # noqa: BLE001 - offline, missing, private, bad split: all mean "cannot load"
         reason = (str(exc).strip().splitlines() or [""])[0]
         raise UserError(

@@ -108,8 +108,9 @@ def _cell_html(cell: str, numeric: bool) -> str:
 
 
 def render_html(views: Sequence[RowView], report: PreparationReport | None = None, *,
-                title: str = "instructune inspect", subtitle: str = "") -> str:
-    """The whole page: the legend, each row's tokens, and the summary when a report is given."""
+                title: str = "instructune inspect", subtitle: str = "", tables: Sequence[SummaryTable] = ()) -> str:
+    """The whole page: the legend, each row's tokens, `tables` (a mixture's sources) and the summary when a
+    report is given."""
     legend = (f'<p class="legend"><span class="mk">{MARK_OPEN}</span><span class="t tr">trained</span>'
               f'<span class="mk">{MARK_CLOSE}</span> <span class="t m">masked</span> · hover a token for '
               f"its id, label and role · {NEWLINE} newline · {TAB} tab · {EMPTY_PIECE} token with no text of "
@@ -119,6 +120,7 @@ def render_html(views: Sequence[RowView], report: PreparationReport | None = Non
         body.append(f'<p class="sub">{escape(subtitle)}</p>')
     body.append(legend)
     body += [_row_section(view) for view in views]
+    body += [_table_html(table) for table in tables]
     if report is not None:
         body += ["<h2>Summary</h2>", summary_html(report)]
     return ("<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -127,7 +129,7 @@ def render_html(views: Sequence[RowView], report: PreparationReport | None = Non
 
 
 def write_html(path: str | os.PathLike, views: Sequence[RowView], report: PreparationReport | None = None,
-               *, title: str = "instructune inspect", subtitle: str = "") -> None:
+               *, title: str = "instructune inspect", subtitle: str = "", tables: Sequence[SummaryTable] = ()) -> None:
     """Write `render_html(...)` to `path`, atomically."""
     with atomic_writer(path) as file:
-        file.write(render_html(views, report, title=title, subtitle=subtitle))
+        file.write(render_html(views, report, title=title, subtitle=subtitle, tables=tables))

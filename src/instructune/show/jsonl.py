@@ -51,8 +51,9 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[IO[str]]:
 
 
 def row_record(row: EncodedRow) -> dict[str, object]:
-    """`{"row", "input_ids", "labels"}` of a kept row, as plain ints."""
-    return {"row": int(row.row), "input_ids": [int(i) for i in row.input_ids],
+    """`{"row", "input_ids", "labels"}` of a kept row, as plain ints; a mixture's row starts with its `source`."""
+    source = {"source": row.source} if row.source is not None else {}
+    return {**source, "row": int(row.row), "input_ids": [int(i) for i in row.input_ids],
             "labels": [int(label) for label in row.labels]}
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import instructune
 from instructune.data.encoded import EncodedRow, PreparationReport
-from instructune.data.hf_dataset import COLUMNS, arrow_batches, features, row_dict
+from instructune.data.hf_dataset import arrow_batches, columns, features, has_sources, row_dict
 from instructune.errors import UserError
 from instructune.show.summary import length_stats
 
@@ -71,7 +71,7 @@ def write_prepared_folder(output: str | os.PathLike, rows: Sequence[EncodedRow],
         raise UserError(f"cannot write {path}: {error.strerror or error}") from error
     try:
         _write_rows(tmp, rows, fmt)
-        summary = {"instructune": instructune.__version__, "format": fmt, "columns": list(COLUMNS),
+        summary = {"instructune": instructune.__version__, "format": fmt, "columns": list(columns(has_sources(rows))),
                    "data_file": DATA_FILES.get(fmt), **(settings or {}), "report": report_json(report)}
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private; the result should look like any other
@@ -110,12 +110,13 @@ def _write_rows(folder: Path, rows: Sequence[EncodedRow], fmt: str) -> None:
         return
     import pyarrow as pa
 
-    schema = features().arrow_schema
+    sources = has_sources(rows)
+    schema = features(sources).arrow_schema
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
         with pq.ParquetWriter(folder / DATA_FILES["parquet"], schema) as writer:
-            for batch in arrow_batches(rows):
+            for batch in arrow_batches(rows, sources):
                 writer.write_batch(batch)
         return
     # hf: the batches into one Arrow file (streamed: memory holds one batch), memory-mapped by `datasets`
@@ -127,9 +128,9 @@ def _write_rows(folder: Path, rows: Sequence[EncodedRow], fmt: str) -> None:
     os.close(fd)
     try:
         with pa.OSFile(scratch, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            for batch in arrow_batches(rows):
+            for batch in arrow_batches(rows, sources):
                 writer.write_batch(batch)
-        dataset = Dataset.from_file(scratch, info=DatasetInfo(features=features()))
+        dataset = Dataset.from_file(scratch, info=DatasetInfo(features=features(sources)))
         with _no_progress_bars():  # one file's copy: `datasets`' bar would only be noise beside our own lines
             dataset.save_to_disk(str(folder))
         del dataset

@@ -146,6 +146,11 @@ def _rich_table(table: SummaryTable) -> Table:
     return rich_table
 
 
+def render_table(table: SummaryTable) -> Table:
+    """One table as `render_summary` draws it (for tables of other reports, such as a mixture's sources)."""
+    return _rich_table(table)
+
+
 def render_summary(report: PreparationReport) -> Group:
     """The summary as rich tables, one per section, ready for `console.print`."""
     parts: list = [Text("Summary", style="bold underline")]

@@ -161,4 +161,6 @@ def row_view(row: EncodedRow, tokenizer: Any) -> RowView:
     ]
     # A row of an expanded conversation (rule 8a) says which turn it trains, with its history as context.
     notes = [f"turn {row.turn}: history as at inference"] if getattr(row, "turn", None) is not None else []
+    if getattr(row, "source", None) is not None:  # a mixture's row: which source its row number counts in
+        notes.insert(0, f"source {row.source}")
     return RowView(row=row.row, tokens=tokens, truncated=row.truncated, notes=notes)
