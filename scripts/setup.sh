@@ -10,6 +10,8 @@ if [ "${1:-}" = "test" ]; then
     # The chat page is tested in a real headless browser: Debian's Chromium (Playwright drives it;
     # its own browser download is not used). Installed when missing and the machine allows it.
     if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+        # Said aloud: it changes the machine outside this folder, and takes a while.
+        echo "installing Chromium with apt-get (system-wide, for the chat page's browser test) ..."
         apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || echo "note: could not install chromium; the browser test will be skipped"
     fi
 fi

@@ -15,3 +15,16 @@ def smollm2_tokenizer():
     from instructune.model.load import DEFAULT_MODEL, load_tokenizer
 
     return load_tokenizer(DEFAULT_MODEL)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped, with the reason, where PyTorch sees no CUDA GPU."""
+    cuda_tests = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not cuda_tests:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        reason = pytest.mark.skip(reason=f"needs a CUDA GPU; PyTorch {torch.__version__} sees none here")
+        for item in cuda_tests:
+            item.add_marker(reason)

@@ -46,18 +46,17 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
-def start_server(loaded: LoadedModel, **options) -> LiveServer:
-    """Serve `loaded` on 127.0.0.1 in a background thread; returns once it answers."""
-    import uvicorn
-
-    from instructune.use.server import create_app
+def start_server(loaded: LoadedModel, *, graceful_s: int = 2, **options) -> LiveServer:
+    """Serve `loaded` on 127.0.0.1 in a background thread; returns once it answers. `graceful_s`: how long a
+    stopping server waits for the answers under way."""
+    from instructune.use.server import create_app, server_for
 
     app = create_app(loaded, model_name=MODEL_NAME, **options)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = server_for(app, log_level="warning", timeout_graceful_shutdown=graceful_s)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

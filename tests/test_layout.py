@@ -12,9 +12,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "instructune"
 
 STAGES = ("data", "show", "model", "train", "use", "study", "api", "commands", "cli")
 """The pipeline in order; a module may import from its own stage and the ones before it."""
-BASE = ("instructune", "instructune.errors", "instructune.cache", "instructune.ranges", "instructune.testing")
+BASE = ("instructune", "instructune.errors", "instructune.cache", "instructune.ranges", "instructune.testing",
+        "instructune.disk")
 """Importable from anywhere: the package root (IGNORE_INDEX), the user-error type, where the cache lives,
-the ranges of numeric settings, the test helpers."""
+the ranges of numeric settings, the test helpers, full disks and damaged files told clearly."""
 
 
 def _module_name(path: Path) -> str:

@@ -50,8 +50,9 @@ def encoding_options(template: str | None = None, **options: Any) -> EncodingOpt
     """The checked `EncodingOptions` of keyword settings; an unknown name or a value out of range is a
     `UserError` that names it.
 
-    >>> encoding_options(train_on="last", max_length=512).max_length
-    512
+    Examples:
+        >>> encoding_options(train_on="last", max_length=512).max_length
+        512
     """
     from instructune.data.options import EncodingOptions, OptionError
 
@@ -112,10 +113,11 @@ def encode(data: str | os.PathLike | Sequence[Any], tokenizer: Any, *, template:
     The result's `.rows` are `EncodedRow`s, `.report` the `PreparationReport`, `.to_hf()` a
     `datasets.Dataset` with columns `input_ids`, `labels` (-100 where not trained), `attention_mask`, `row`.
 
-    >>> data = encode([{"instruction": "Which is the largest ocean?", "output": "The Pacific."}],
-    ...               "HuggingFaceTB/SmolLM2-135M-Instruct")                       # doctest: +SKIP
-    >>> data.report.rows_kept, data.to_hf().column_names                          # doctest: +SKIP
-    (1, ['input_ids', 'labels', 'attention_mask', 'row'])
+    Examples:
+        >>> data = encode([{"instruction": "Which is the largest ocean?", "output": "The Pacific."}],
+        ...               "HuggingFaceTB/SmolLM2-135M-Instruct")                       # doctest: +SKIP
+        >>> data.report.rows_kept, data.to_hf().column_names                          # doctest: +SKIP
+        (1, ['input_ids', 'labels', 'attention_mask', 'row'])
     """
     from instructune.data.prepare import prepare_dataset
     from instructune.data.templates import check_template_choice
@@ -143,8 +145,9 @@ def save_prepared(prepared: PreparedDataset, output: str | os.PathLike, *, fmt: 
     The folder is written under a temporary name and renamed into place when complete; a folder that
     exists and is not empty is a `UserError` unless `overwrite`.
 
-    >>> save_prepared(encode("data.jsonl", "HuggingFaceTB/SmolLM2-135M-Instruct"), "prepared/")  # doctest: +SKIP
-    PosixPath('prepared')
+    Examples:
+        >>> save_prepared(encode("data.jsonl", "HuggingFaceTB/SmolLM2-135M-Instruct"), "prepared/")  # doctest: +SKIP
+        PosixPath('prepared')
     """
     from instructune.data.prepare import nothing_kept
     from instructune.show.prepared_folder import write_prepared_folder
@@ -171,10 +174,11 @@ def train(config: str | os.PathLike | Mapping[str, Any] | TrainConfig | None = N
     `TrainResult`: `.checkpoint` (the final checkpoint folder), `.metrics` (every record of
     `metrics.jsonl`), `.last_loss`, `.eval_metrics`, `.output_dir`. `quiet` prints nothing.
 
-    >>> result = train(model="HuggingFaceTB/SmolLM2-135M-Instruct", data="data.jsonl",
-    ...                output_dir="runs/mine", epochs=1, lr=1e-4)                      # doctest: +SKIP
-    >>> result.checkpoint                                                              # doctest: +SKIP
-    PosixPath('runs/mine/checkpoint-57')
+    Examples:
+        >>> result = train(model="HuggingFaceTB/SmolLM2-135M-Instruct", data="data.jsonl",
+        ...                output_dir="runs/mine", epochs=1, lr=1e-4)                      # doctest: +SKIP
+        >>> result.checkpoint                                                              # doctest: +SKIP
+        PosixPath('runs/mine/checkpoint-57')
     """
     from rich.console import Console
 
@@ -208,9 +212,10 @@ def load(model: str | os.PathLike, *, template: str | None = None, device: str |
     `.model` and `.tokenizer` are the transformers objects; `generate`, `explain` and `evaluate` take the
     result (or a spec, which they load).
 
-    >>> model = load("runs/default/checkpoint-57")                                     # doctest: +SKIP
-    >>> generate(model, "Which is the largest ocean?")                                 # doctest: +SKIP
-    'The Pacific Ocean.'
+    Examples:
+        >>> model = load("runs/default/checkpoint-57")                                     # doctest: +SKIP
+        >>> generate(model, "Which is the largest ocean?")                                 # doctest: +SKIP
+        'The Pacific Ocean.'
     """
     from instructune.use.loading import load_for_inference
 
@@ -271,9 +276,10 @@ def explain(model: Any, example: Any = None, *, instruction: str | None = None, 
     `model` is a `load` result or a spec to load (in fp32). The `Explanation` has `.tokens` (each with its
     probability, loss and top alternatives), `.masked_loss_mean`, `.unmasked_loss_mean` and `.to_json()`.
 
-    >>> e = explain(model, instruction="Which is the largest ocean?", response="The Pacific.")  # doctest: +SKIP
-    >>> round(e.masked_loss_mean, 3)                                                           # doctest: +SKIP
-    0.412
+    Examples:
+        >>> e = explain(model, instruction="Which is the largest ocean?", response="The Pacific.")  # doctest: +SKIP
+        >>> round(e.masked_loss_mean, 3)                                                           # doctest: +SKIP
+        0.412
     """
     import torch
 
@@ -322,9 +328,10 @@ def evaluate(model: Any, data: str | os.PathLike | None = None, *, limit: int | 
     model's template unless `template` names one). `progress` takes a `rich.progress.Progress`; in a
     notebook, a bar is shown without it.
 
-    >>> result = evaluate("runs/default/checkpoint-57", generate=False)                 # doctest: +SKIP
-    >>> round(result.totals.loss, 3)                                                    # doctest: +SKIP
-    0.275
+    Examples:
+        >>> result = evaluate("runs/default/checkpoint-57", generate=False)                 # doctest: +SKIP
+        >>> round(result.totals.loss, 3)                                                    # doctest: +SKIP
+        0.275
     """
     from instructune.use.evaluate import default_eval_data, evaluate_dataset
 
@@ -355,8 +362,9 @@ def generate(model: Any, prompts: Any, *, system: str | None = None, max_new_tok
     `messages`, ...; a trailing assistant turn is left out) or a `Conversation`. One prompt gives one
     answer; a list gives a list, in order. `system` is the system prompt of prompts that have none.
 
-    >>> generate(model, ["Which is the largest ocean?", {"instruction": "Name a primary colour."}])  # doctest: +SKIP
-    ['The Pacific Ocean.', 'Red.']
+    Examples:
+        >>> generate(model, ["Which is the largest ocean?", {"instruction": "Name a primary colour."}])  # doctest: +SKIP
+        ['The Pacific Ocean.', 'Red.']
     """
     from instructune.data.conversation import Conversation, ConversationError
     from instructune.use.generation import answer_conversations, check_sampling, prompt_conversation
@@ -397,8 +405,9 @@ def export_gguf(checkpoint: str | os.PathLike, output: str | os.PathLike, *, kin
     .gguf file or `smollm2-135m-instruct` as one GGUF file that llama.cpp runs, with the chat template and
     end-of-turn token in its metadata; `kind` is f32, f16 or q8_0. Returns the file's path.
 
-    >>> export_gguf("runs/default/checkpoint-57", "model.gguf", kind="q8_0")           # doctest: +SKIP
-    PosixPath('model.gguf')
+    Examples:
+        >>> export_gguf("runs/default/checkpoint-57", "model.gguf", kind="q8_0")           # doctest: +SKIP
+        PosixPath('model.gguf')
     """
     from instructune.model.export import GGUF_TYPES, check_output
     from instructune.model.export import export_gguf as write_gguf

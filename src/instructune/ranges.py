@@ -20,6 +20,8 @@ SETTING_RANGES: dict[str, tuple[Any, str]] = {
     "examples": (lambda v: v >= 0, "0 or more"),
     "max_tokens_per_forward": (lambda v: v >= 0, "0 (no limit) or more"),
     "instruction_weight": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "max_queue": (lambda v: v >= 0, "0 (refuse what cannot start at once) or more"),
+    "request_timeout": (lambda v: v >= 0, "0 (no limit) or more seconds"),
 }
 """Setting name -> (the test a value must pass, the range in words). None (the default) always passes."""
 

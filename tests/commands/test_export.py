@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import gguf
 import numpy as np
 import pytest
@@ -61,6 +64,19 @@ def test_bad_type_is_refused_by_the_parser(checkpoint, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err  # argparse quotes the choices or not, by Python version
     assert "argument --type: invalid choice: 'q4_0' (choose from " in err and "q8_0" in err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_the_exported_file_has_the_mode_the_umask_gives(checkpoint, tmp_path, capsys, umask, mode):
+    # Written through mkstemp (0600) and renamed into place: it must still look like any file the user writes.
+    out = tmp_path / "model.gguf"
+    previous = os.umask(umask)
+    try:
+        assert main(["export", str(checkpoint), "--gguf", str(out), "--type", "f32"]) == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
 
 
 def test_existing_output_is_kept_without_overwrite(checkpoint, tmp_path, capsys):

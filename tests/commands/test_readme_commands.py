@@ -1,7 +1,8 @@
-"""README.md's command examples hold: each `instructune ...` line parses with the real parser, and every
-configuration key it sets (`key=value`), or that README's prose names as an override, is a real key.
+"""The command examples of README.md and of every documentation page (docs/**/*.md) hold: each
+`instructune ...` line parses with the real parser, and every configuration key it sets (`key=value`), or
+that the prose names as an override, is a real key.
 
-Commands are read from README's ```bash blocks: `\\` continuations are joined, a `# comment` ends a
+Commands are read from the ```bash blocks: `\\` continuations are joined, a `# comment` ends a
 line, `a && b` and `echo ... | instructune ...` are split, and `python -m instructune` / `torchrun ...
 -m instructune` / `.venv/bin/instructune` count as `instructune`. Parsing is argparse's alone (no
 file needs to exist); the overrides of `train` and `compare` also go through `load_config`, which
@@ -26,19 +27,30 @@ from instructune.train.config import FIELD_NAMES, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
+PAGES = (README, *sorted((ROOT / "docs").rglob("*.md")))
+"""What a user reads: the README and the documentation site's pages."""
 MIN_COMMANDS = 10
 """Fewer means the extraction broke, not that README lost its examples: then this test fails."""
+MIN_DOCS_COMMANDS = 30
+"""The docs have a page per command, each with examples; fewer means the extraction broke."""
 OVERRIDE = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z_]+)?)=(.*)$", re.S)
-NOT_CONFIG = {"key", "weights_only"}
-"""Backticked `name=value` in README's prose that are not configuration overrides."""
+NOT_CONFIG = {"key", "weights_only", "bf16"}
+"""Backticked `name=value` in the prose that are not configuration overrides (`bf16=True` is transformers'
+TrainingArguments)."""
 
 
 @dataclass
 class Example:
     line: int
-    """README's line number (1-based) where the command starts."""
+    """The line number (1-based) where the command starts."""
     text: str
     argv: list[str]
+    page: str = "README.md"
+    """The file it is in, relative to the repository."""
+
+    @property
+    def where(self) -> str:
+        return f"{self.page} line {self.line}"
 
 
 def bash_lines(readme: str) -> list[tuple[int, str]]:
@@ -103,15 +115,28 @@ def _check_key(key: str, where: str) -> None:
         assert name == "lora" and sub in LORA_SETTINGS, f"{where}: '{key}' is not a configuration key"
 
 
+def page_examples(path: Path) -> list[Example]:
+    """The commands of one page, each knowing its page."""
+    found = extract_commands(path.read_text(encoding="utf-8"))
+    for example in found:
+        example.page = str(path.relative_to(ROOT))
+    return found
+
+
 @pytest.fixture(scope="module")
 def examples() -> list[Example]:
-    return extract_commands(README.read_text(encoding="utf-8"))
+    return [example for page in PAGES for example in page_examples(page)]
 
 
 def test_the_extraction_finds_the_commands(examples):
-    assert len(examples) >= MIN_COMMANDS, f"only {len(examples)} instructune commands found in README.md"
-    assert {e.argv[0] for e in examples if e.argv} >= {"inspect", "train", "compare", "explain", "eval",
-                                                       "generate", "chat"}
+    in_readme = [e for e in examples if e.page == "README.md"]
+    assert len(in_readme) >= MIN_COMMANDS, f"only {len(in_readme)} instructune commands found in README.md"
+    in_docs = [e for e in examples if e.page != "README.md"]
+    assert len(in_docs) >= MIN_DOCS_COMMANDS, f"only {len(in_docs)} instructune commands found in docs/"
+    from instructune.cli import COMMANDS
+
+    assert {e.argv[0] for e in in_docs if e.argv} == set(COMMANDS), "every command has an example in docs/"
+    assert {e.argv[0] for e in in_readme if e.argv} >= {"train"}
 
 
 def test_the_extraction_itself():
@@ -133,7 +158,7 @@ def test_every_readme_command_parses(examples):
             with contextlib.redirect_stderr(stderr):
                 parser.parse_args(example.argv)
         except SystemExit:
-            pytest.fail(f"README.md line {example.line}: `{example.text}` does not parse: "
+            pytest.fail(f"{example.where}: `{example.text}` does not parse: "
                         f"{stderr.getvalue().strip().splitlines()[-1:]}")
 
 
@@ -143,7 +168,7 @@ def test_every_override_in_a_readme_command_is_a_valid_config_key(examples):
         overrides = overrides_of(example)
         if not overrides:
             continue
-        where = f"README.md line {example.line} (`{example.text}`)"
+        where = f"{example.where} (`{example.text}`)"
         for text in overrides:
             _check_key(OVERRIDE.match(text).group(1), where)
         try:
@@ -154,14 +179,15 @@ def test_every_override_in_a_readme_command_is_a_valid_config_key(examples):
     assert checked >= 3
 
 
-def test_every_override_named_in_readme_prose_is_a_config_key():
-    readme = README.read_text(encoding="utf-8")
+@pytest.mark.parametrize("page", PAGES, ids=lambda path: str(path.relative_to(ROOT)))
+def test_every_override_named_in_the_prose_is_a_config_key(page):
     named = 0
-    for number, line in enumerate(readme.splitlines(), start=1):
+    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), start=1):
         for span in re.findall(r"`([^`]+)`", line):
             for word in span.split():
                 match = OVERRIDE.match(word)
                 if match and match.group(1) not in NOT_CONFIG:
-                    _check_key(match.group(1), f"README.md line {number} (`{span}`)")
+                    _check_key(match.group(1), f"{page.relative_to(ROOT)} line {number} (`{span}`)")
                     named += 1
-    assert named >= 3
+    if page == README:
+        assert named >= 3

@@ -1,7 +1,7 @@
-"""README.md's promises hold: a training run writes exactly the files its "What a run writes" list names.
+"""The docs' promises hold: a training run writes exactly the files the "What a run writes" list names.
 
-The list is parsed from README.md itself, so renaming a file in the code (or in the README) without
-the other fails here. Each top-level bullet names one entry of `output_dir` (its first backticked
+The list is parsed from the pages that hold it - docs/commands/train.md, and README.md while it still
+has one - so renaming a file in the code (or in the docs) without the other fails here. Each top-level bullet names one entry of `output_dir` (its first backticked
 name); the `checkpoint-<step>/` bullet also names the files of a checkpoint. A bullet that says
 "when `module` is installed" is checked only when that module is; one that mentions `merge_lora` is
 checked on a LoRA run with `merge_lora: true`; the checkpoint bullet's "(...; with LoRA the adapter
@@ -23,6 +23,7 @@ from train_fixtures import quick_settings, write_tiny_model, write_toy_data
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
+TRAIN_PAGE = ROOT / "docs" / "commands" / "train.md"
 SECTION_START = "What a run writes to `output_dir`"
 FILE_NAME = re.compile(r"^[\w.-]+\.(json|jsonl|safetensors|yaml|pt|jinja|md|txt|png|bin|model)$|^[A-Z]+$")
 LORA_ALTERNATIVE = re.compile(r"\(([^()]*);\s*with LoRA[^:]*:([^()]*)\)")
@@ -64,20 +65,22 @@ def promised_entries(readme: str) -> list[Entry]:
     """The bullets under "What a run writes to `output_dir`", parsed; fails when there are none."""
     lines = readme.splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith(SECTION_START)]
-    assert len(starts) == 1, f"README.md must have exactly one line starting with {SECTION_START!r}"
+    assert len(starts) == 1, f"the page must have exactly one line starting with {SECTION_START!r}"
     bullets: list[str] = []
     for line in lines[starts[0] + 1:]:
+        if not line.strip() and not bullets:
+            continue  # Markdown wants a blank line before a list
         if line.startswith("- "):
             bullets.append(line[2:])
         elif line.startswith("  ") and bullets and line.strip():
             bullets[-1] += " " + line.strip()
         else:
             break
-    assert bullets, f"no list of files after {SECTION_START!r} in README.md"
+    assert bullets, f"no list of files after {SECTION_START!r} on the page"
     entries = []
     for text in bullets:
         names = _backticked(text)
-        assert names, f"a bullet of README's list names no file: {text[:80]!r}"
+        assert names, f"a bullet of the list names no file: {text[:80]!r}"
         entry = Entry(name=names[0], text=text)
         if condition := CONDITION.search(text):
             entry.module = condition.group(1)
@@ -93,6 +96,14 @@ def promised_entries(readme: str) -> list[Entry]:
     return entries
 
 
+def promising_pages() -> list[Path]:
+    """The pages that hold the list: the train command's page always, README.md while it has one."""
+    pages = [TRAIN_PAGE]
+    if SECTION_START in README.read_text(encoding="utf-8"):
+        pages.append(README)
+    return pages
+
+
 def _installed(module: str | None) -> bool:
     return module is None or importlib.util.find_spec(module) is not None
 
@@ -102,8 +113,9 @@ def _matches(entry: Entry, folder: Path) -> list[Path]:
     return [path for path in folder.iterdir() if pattern.match(path.name)]
 
 
-def test_the_readme_list_is_parsed_into_the_files_a_run_writes():
-    entries = promised_entries(README.read_text(encoding="utf-8"))
+@pytest.mark.parametrize("page", promising_pages(), ids=lambda path: path.name)
+def test_the_list_is_parsed_into_the_files_a_run_writes(page):
+    entries = promised_entries(page.read_text(encoding="utf-8"))
     names = {entry.name for entry in entries}
     assert {"config.yaml", "metrics.jsonl", "checkpoint-<step>/"} <= names
     checkpoint = next(entry for entry in entries if entry.name == "checkpoint-<step>/")
@@ -145,9 +157,10 @@ def runs(tmp_path_factory):
     return full, lora
 
 
-def test_a_run_writes_every_file_the_readme_promises_and_nothing_else(runs):
+@pytest.mark.parametrize("page", promising_pages(), ids=lambda path: path.name)
+def test_a_run_writes_every_file_the_docs_promise_and_nothing_else(runs, page):
     full, lora = runs
-    entries = promised_entries(README.read_text(encoding="utf-8"))
+    entries = promised_entries(page.read_text(encoding="utf-8"))
     checked = 0
     for run, is_lora in ((full, False), (lora, True)):
         if run is None:
@@ -157,7 +170,7 @@ def test_a_run_writes_every_file_the_readme_promises_and_nothing_else(runs):
             if not _installed(entry.module) or (entry.merged_run and not is_lora):
                 continue
             written = sorted(path.name for path in run.iterdir())
-            assert found, f"README promises `{entry.name}` in output_dir, but the run wrote {written}"
+            assert found, f"{page.name} promises `{entry.name}` in output_dir, but the run wrote {written}"
             checked += 1
             expected = entry.files | (entry.lora_files if is_lora else entry.full_files)
             newest = max(found, key=lambda path: [int(n) for n in re.findall(r"\d+", path.name)])
@@ -166,11 +179,11 @@ def test_a_run_writes_every_file_the_readme_promises_and_nothing_else(runs):
                     written = {path.name for path in folder.iterdir()}
                     here = expected if folder == newest else expected - entry.newest_only
                     assert written == here, (
-                        f"{folder.name}: README names {sorted(here)}, the run wrote {sorted(written)}")
-        # The other way round: every entry the run wrote is one the README names.
+                        f"{folder.name}: {page.name} names {sorted(here)}, the run wrote {sorted(written)}")
+        # The other way round: every entry the run wrote is one the page names.
         for path in run.iterdir():
             assert any(entry.pattern().match(path.name) for entry in entries), (
-                f"the run wrote `{path.name}`, which README's list of what a run writes does not name")
+                f"the run wrote `{path.name}`, which {page.name}'s list of what a run writes does not name")
     assert checked >= 4
 
 

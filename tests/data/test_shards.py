@@ -282,3 +282,60 @@ def test_a_cache_that_cannot_be_written_still_prepares_the_rows_in_memory(data, 
     prepared = prepare_dataset(data, tok, OPTIONS, template_text=CHATML_TEMPLATE, num_proc=1, cache_dir=blocked)
     assert isinstance(prepared.rows, list) and prepared.rows == rows and prepared.report == report
     assert not prepared.from_cache and blocked.read_text() == "not a folder"
+
+
+def test_a_shard_damaged_after_its_entry_was_finished_is_found_on_reading_and_encoded_again(data, tmp_path,
+                                                                                          monkeypatch):
+    tok = make_tiny_tokenizer()
+    rows, report = in_memory(data, tok)
+    cache = tmp_path / "cache"
+    prepare_dataset(data, tok, OPTIONS, template_text=CHATML_TEMPLATE, num_proc=1, cache_dir=cache)
+    (entry,) = (cache / "prepared").iterdir()
+    target = entry / "shards" / "00002" / "marks.npy"
+    content = bytearray(target.read_bytes())
+    content[-1] ^= 0x80  # one mark flipped: the size is right, the manifest is there
+    target.write_bytes(bytes(content))
+
+    calls = encode_calls(monkeypatch)
+    again = prepare_dataset(data, tok, OPTIONS, template_text=CHATML_TEMPLATE, num_proc=1, cache_dir=cache)
+    conversations = read_conversations(data, on_bad_row="skip").conversations
+    assert calls == [index for index, _ in conversations[2 * SHARD:3 * SHARD]]  # that shard alone, redone
+    assert not again.from_cache and again.rows == rows and again.report == report
+
+
+def test_a_full_disk_while_writing_shards_is_one_clear_error_and_keeps_the_finished_shards(data, tmp_path,
+                                                                                          monkeypatch):
+    import errno
+    import os
+
+    from instructune.data import shards as shards_module
+
+    tok = make_tiny_tokenizer()
+    cache = tmp_path / "cache"
+    real_save = np.save
+    saved = []
+
+    def filling_save(path, values, **kwargs):
+        saved.append(path)
+        if "00003.tmp-" in str(path) and path.name == "marks.npy":  # the fourth shard, half way
+            path.write_bytes(b"\x93NUMPY")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(path, values, **kwargs)
+
+    monkeypatch.setattr(shards_module.np, "save", filling_save)
+    with pytest.raises(UserError) as failure:
+        prepare_dataset(data, tok, OPTIONS, template_text=CHATML_TEMPLATE, num_proc=1, cache_dir=cache)
+    (entry,) = (cache / "prepared").iterdir()
+    message = str(failure.value)
+    assert message.startswith(f"no space left on the device to write {entry}: it needs about ")
+    assert "of shards finished so far are kept and reused" in message and "INSTRUCTUNE_CACHE" in message
+    assert sorted(p.name for p in (entry / "shards").iterdir()) == ["00000", "00001", "00002"]  # no .tmp- left
+    assert not (entry / "manifest.json").exists() and not (entry / "manifest.json.tmp").exists()
+
+    monkeypatch.undo()
+    monkeypatch.setattr(prepare_module, "SHARD_ROWS", SHARD)
+    calls = encode_calls(monkeypatch)
+    again = prepare_dataset(data, tok, OPTIONS, template_text=CHATML_TEMPLATE, num_proc=1, cache_dir=cache)
+    conversations = read_conversations(data, on_bad_row="skip").conversations
+    assert calls == [index for index, _ in conversations[3 * SHARD:]]  # room again: the rest, and only the rest
+    assert again.rows == in_memory(data, tok)[0]

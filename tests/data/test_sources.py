@@ -13,6 +13,7 @@ from data_fixtures import ALPACA_ROWS, A, U, alpaca_user, write_json, write_json
 from instructune.data.conversation import Conversation, Message
 from instructune.data.formats import FORMATS
 from instructune.data.readers import ReadResult, read_conversations
+from instructune.data.stream import SKIP_HINT
 from instructune.errors import UserError
 
 ALPACA_CONVS = [(i, Conversation(messages=[alpaca_user(f"q{i}"), Message(A, f"a{i}")])) for i in range(3)]
@@ -218,7 +219,9 @@ def test_invalid_json_line_names_the_line_and_the_json_error(tmp_path):
     path.write_text(json.dumps({"text": "ok"}) + '\n{"text": "unterminated\n')
     with pytest.raises(UserError) as info:
         read_conversations(path)
-    assert str(info.value) == f"{path}, line 2: invalid JSON (Unterminated string starting at column 10)"
+    assert str(info.value) == (f"{path}, line 2: invalid JSON (Unterminated string starting at column 10)"
+                               f"{SKIP_HINT}")
+    assert "--on-bad-row skip" in SKIP_HINT  # the way past a few broken lines in a large file
 
 
 def test_badly_encoded_jsonl_line_is_one_bad_row(tmp_path):

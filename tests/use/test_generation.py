@@ -182,3 +182,40 @@ def test_generation_and_scoring_emit_no_deprecation_warnings(loaded, prompts):
         noisy = [f"{w.category.__name__}: {w.message}" for w in caught
                  if issubclass(w.category, (FutureWarning, DeprecationWarning))]
         assert noisy == [], noisy
+
+
+def test_one_batch_of_many_prompts_stopping_at_different_steps_equals_each_prompt_alone(loaded):
+    # The default job answers all its held-out questions in one batch (ANSWER_BATCH): that must not change
+    # a single greedy token, also when rows of very different lengths stop at different steps.
+    from instructune.study.default_job import ANSWER_BATCH
+
+    words = "the capital ocean France largest which is of a how are you fine thank".split()
+    conversations = [Conversation([Message("user", " ".join(words[(i * 7) % len(words):][:1 + i % 9]) + "?")])
+                     for i in range(ANSWER_BATCH)]
+    many = encode_prompts(loaded.tokenizer, loaded.template, conversations)
+    assert len({len(p) for p in many}) > 5
+    free = _generate(loaded, many, max_new_tokens=12, batch_size=ANSWER_BATCH)
+    # Tokens from different steps of a few rows: rows stop early at different steps, others run to the limit.
+    stops = sorted({ids[1 + i % 8] for i, ids in enumerate(free[::9])})
+    settings = dict(stop_token_ids=stops, pad_token_id=loaded.pad_token_id, max_new_tokens=12)
+    batched = generate_ids(loaded.model, many, batch_size=ANSWER_BATCH, **settings)
+    alone = [generate_ids(loaded.model, [p], batch_size=1, **settings)[0] for p in many]
+    assert batched == alone
+    assert len({len(ids) for ids in batched}) > 2  # the rows did stop at different steps
+
+
+def test_step_progress_counts_answers_tokens_and_bounds_the_steps_left(loaded, prompts):
+    free = _generate(loaded, prompts, max_new_tokens=10, batch_size=2)
+    stops = [free[0][1]]  # stops the shortest prompt's batch early (prompts are batched by length)
+    seen = []
+    out = generate_ids(loaded.model, prompts, stop_token_ids=stops, pad_token_id=loaded.pad_token_id,
+                       max_new_tokens=10, batch_size=2,
+                       on_step=lambda p: seen.append((p.answered, p.tokens, p.steps, p.max_steps)))
+    answered = [a for a, *_ in seen]
+    assert answered == sorted(answered) and answered[-1] == len(prompts) == seen[-1][0]
+    assert [s for _, _, s, _ in seen] == list(range(1, len(seen) + 1))
+    # The last count equals the steps taken (the bound shrank when a batch stopped early) and is below 2 x 10.
+    assert seen[-1][3] == seen[-1][2] == len(seen) < 20
+    assert all(bound >= steps for _, _, steps, bound in seen)
+    # Every answer's tokens, each stop token included.
+    assert seen[-1][1] == sum(len(ids) + (len(ids) < 10) for ids in out)

@@ -66,7 +66,8 @@ def direct_ids(loaded, conversation: Conversation, **sampling) -> tuple[list[int
 
 def test_health_and_models(live, client):
     with urllib.request.urlopen(f"{live.url}/health") as response:  # no key needed
-        assert json.load(response) == {"status": "ok", "model": MODEL_NAME, "api_key_required": True}
+        assert json.load(response) == {"status": "ok", "model": MODEL_NAME, "api_key_required": True,
+                                       "queue": 0, "running": 0, "max_queue": 32}  # 2 batches of 16 may wait
     assert [m.id for m in client.models.list().data] == [MODEL_NAME]
     assert client.models.retrieve(MODEL_NAME).owned_by == "instructune"
 

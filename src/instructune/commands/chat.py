@@ -8,6 +8,11 @@ import sys
 from instructune.commands.arguments import add_model_arguments, add_sampling_arguments, add_template_argument
 
 HELP = "talk to a model in the terminal"
+EXAMPLES = (
+    'instructune chat --model runs/default/checkpoint-57 --temperature 0.7',
+    'printf "Which is the largest ocean?\\n/exit\\n" | instructune chat --model runs/default/checkpoint-57',
+)
+"""What `--help` ends with: command lines to copy (tests/commands/test_help_examples.py parses them)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -9,6 +9,11 @@ from instructune.commands.arguments import add_config_arguments, config_keys_tex
 from instructune.train.openmp import bound_openmp_spinning
 
 HELP = "train masked and unmasked runs side by side and write a report"
+EXAMPLES = (
+    'instructune compare',
+    'instructune compare my.yaml epochs=2 output_dir=runs/my-compare --heldout questions.jsonl',
+)
+"""What `--help` ends with: command lines to copy (tests/commands/test_help_examples.py parses them)."""
 DESCRIPTION = ("The masked-vs-unmasked study: two runs from the same weights, rows, order and seed, one with "
                "train_on=assistant and one with train_on=all, and a report folder (output_dir, default "
                "runs/compare) with report.md, summary.json and plots. With no CONFIG: the default job's model "

@@ -14,6 +14,11 @@ from instructune.commands.arguments import (
 from instructune.errors import UserError
 
 HELP = "response loss, perplexity, token accuracy and generation metrics on a dataset"
+EXAMPLES = (
+    'instructune eval --model runs/default/checkpoint-57',
+    'instructune eval data.jsonl --model runs/default/checkpoint-57 --limit 50 --output eval-out/',
+)
+"""What `--help` ends with: command lines to copy (tests/commands/test_help_examples.py parses them)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -14,6 +14,11 @@ from instructune.commands.arguments import (
 from instructune.errors import UserError
 
 HELP = "per-token probabilities and losses of one example, masked vs unmasked"
+EXAMPLES = (
+    'instructune explain --model smollm2-135m-instruct --instruction "Which is the largest ocean?" --response "The Pacific Ocean."',
+    'instructune explain --model runs/default/checkpoint-57 --data data.jsonl --row 10 --html tokens.html',
+)
+"""What `--help` ends with: command lines to copy (tests/commands/test_help_examples.py parses them)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

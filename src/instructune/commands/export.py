@@ -11,6 +11,11 @@ import argparse
 import sys
 
 HELP = "write a checkpoint as a GGUF file for llama.cpp (f32, f16 or q8_0)"
+EXAMPLES = (
+    'instructune export runs/default/checkpoint-57 --gguf model.gguf',
+    'instructune export runs/default/checkpoint-57 --gguf model-q8.gguf --type q8_0',
+)
+"""What `--help` ends with: command lines to copy (tests/commands/test_help_examples.py parses them)."""
 DESCRIPTION = ("Write a checkpoint (full fine-tuning, or a LoRA adapter merged into its base) as a GGUF file "
                "that llama.cpp runs, with the chat template and end-of-turn token in its metadata.")
 TYPES = ("f32", "f16", "q8_0")  # = instructune.model.export.GGUF_TYPES, spelt out to keep --help light

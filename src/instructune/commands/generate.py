@@ -28,6 +28,11 @@ from instructune.commands.arguments import (
 from instructune.errors import UserError
 
 HELP = "answer prompts from a file or stdin, as JSONL"
+EXAMPLES = (
+    'echo "Which is the largest ocean?" | instructune generate - --model runs/default/checkpoint-57',
+    'instructune generate prompts.jsonl --model runs/default/checkpoint-57 --output answers.jsonl',
+)
+"""What `--help` ends with: command lines to copy (tests/commands/test_help_examples.py parses them)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

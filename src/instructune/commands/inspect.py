@@ -8,6 +8,11 @@ from instructune.commands.arguments import add_encoding_arguments, encoding_opti
 from instructune.errors import UserError
 
 HELP = "encode a dataset and show which tokens are trained"
+EXAMPLES = (
+    'instructune inspect data.jsonl --tokenizer smollm2-135m-instruct --limit 2',
+    'instructune inspect data.jsonl --tokenizer smollm2-135m-instruct --html masks.html --jsonl rows.jsonl',
+)
+"""What `--help` ends with: command lines to copy (tests/commands/test_help_examples.py parses them)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

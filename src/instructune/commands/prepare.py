@@ -8,6 +8,10 @@ from instructune.commands.arguments import add_encoding_arguments, encoding_opti
 from instructune.errors import UserError
 
 HELP = "encode a dataset with its masks and write it as a dataset folder (for TRL, Trainer, ...)"
+EXAMPLES = (
+    'instructune prepare data.jsonl --tokenizer smollm2-135m-instruct --output prepared/ --max-length 512',
+)
+"""What `--help` ends with: command lines to copy (tests/commands/test_help_examples.py parses them)."""
 DESCRIPTION = ("Encode a dataset exactly as `instructune train` does and write the rows as a Hugging Face "
                "dataset folder (`datasets.load_from_disk(DIR)`), or Parquet or JSONL, with columns input_ids, "
                "labels (-100 where a token is not trained), attention_mask and row (the source row), and the "

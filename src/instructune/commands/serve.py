@@ -11,6 +11,11 @@ from instructune.commands.arguments import add_model_arguments, add_template_arg
 from instructune.errors import UserError
 
 HELP = "serve a model over an OpenAI-compatible HTTP API, with a chat page"
+EXAMPLES = (
+    'instructune serve --model runs/default/checkpoint-57',
+    'instructune serve --model smollm2-135m-instruct --port 8080 --api-key "$MY_KEY"',
+)
+"""What `--help` ends with: command lines to copy (tests/commands/test_help_examples.py parses them)."""
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -26,6 +31,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="answer length when a request gives no max_tokens (default 512, less if the context is full)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="most waiting requests answered together in one batch (default 16)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="most requests waiting for a batch; more get 503 with Retry-After (default: twice "
+                        "--batch-size)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take, waiting included, before it ends with 504 (default 600; "
+                        "0: no limit)")
 
 
 def check_serving_stack() -> None:
@@ -63,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
                                 trust_remote_code=args.trust_remote_code)
     name = args.model_name or args.model
     app = create_app(loaded, model_name=name, api_key=args.api_key, default_max_tokens=args.max_new_tokens,
-                     batch_size=args.batch_size)
-    print(f"serving {name} on http://{args.host}:{args.port} (chat page at /, API at /v1/)", flush=True)
+                     batch_size=args.batch_size, max_queue=args.max_queue, request_timeout=args.request_timeout)
+    service = app.state.service
+    limit = f"{service.request_timeout:g} s per request" if service.request_timeout else "no time limit"
+    print(f"serving {name} on http://{args.host}:{args.port} (chat page at /, API at /v1/; at most "
+          f"{service.max_queue} requests waiting, {limit}; SIGTERM or Ctrl-C drains and exits)", flush=True)
     serve(app, host=args.host, port=args.port)
     return 0

@@ -9,6 +9,11 @@ from instructune.commands.arguments import add_config_arguments, config_keys_tex
 from instructune.train.openmp import bound_openmp_spinning
 
 HELP = "sweep instruction weights x epochs x seeds from the same start and write a verdict report"
+EXAMPLES = (
+    'instructune study',
+    'instructune study --weights 0,1 --seeds 42 --rows 8 epochs=2 output_dir=runs/small-study',
+)
+"""What `--help` ends with: command lines to copy (tests/commands/test_help_examples.py parses them)."""
 DESCRIPTION = (
     "Trains one arm per (seed, instruction weight) from the same initial weights and rows, scores every arm "
     "after each epoch (response and instruction loss on held-out and training rows, greedy answers to held-out "

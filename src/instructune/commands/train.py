@@ -9,6 +9,12 @@ from instructune.commands.arguments import add_config_arguments, config_keys_tex
 from instructune.train.openmp import bound_openmp_spinning
 
 HELP = "fine-tune a model (with no config: the default job)"
+EXAMPLES = (
+    'instructune train',
+    'instructune train configs/default.yaml epochs=2 lr=5e-5',
+    'instructune train my.yaml resume=true',
+)
+"""What `--help` ends with: command lines to copy (tests/commands/test_help_examples.py parses them)."""
 DESCRIPTION = ("Fine-tune with instruction masking. With no CONFIG, run the default job: SmolLM2-135M-Instruct "
                "on the packaged question-answer set, with before/after answers to held-out questions.")
 

@@ -230,7 +230,9 @@ class _GatedDown(torch.autograd.Function):
             del product
         if need_bias and ctx.has_bias:
             grad_bias = flat_grad.sum(0)
-        grad_product = grad_out @ weight
+        # Under bf16 autocast the forward's product ran in bf16 (grad_out is bf16) with an fp32 weight: the
+        # backward's products run in bf16 too, as autograd's would (the weight gradient is cast back to fp32).
+        grad_product = grad_out @ weight.to(grad_out.dtype)
         if need_up:
             grad_up = grad_product * activated
         if need_gate:

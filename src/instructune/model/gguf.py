@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from instructune.cache import cache_dir
+from instructune.disk import disk_full_error, is_disk_full
 from instructune.errors import UserError
 from instructune.model.quiet import one_line, quiet_loading
 
@@ -51,15 +52,15 @@ def convert_gguf(gguf: Path) -> Path:
     one `os.replace`, so the cache folder either does not exist or is complete.
     """
     folder = converted_folder(gguf)
-    if (folder / _MARKER).is_file():
+    if _is_whole(folder):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_work(folder)
     if folder.exists():
-        if (folder / _MARKER).is_file():
+        if _is_whole(folder):
             return folder  # another process has just finished it
-        # Renames are atomic, so a folder without the marker was not made by a conversion: someone edited
-        # the cache by hand. Start over.
+        # Renames are atomic, so a folder without the marker, or with a file that is not the size written,
+        # was damaged or edited since: convert again.
         shutil.rmtree(folder, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
@@ -74,6 +75,15 @@ def convert_gguf(gguf: Path) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return folder
+
+
+def _is_whole(folder: Path) -> bool:
+    """Whether `folder` is a finished conversion whose files are all the sizes they were written at."""
+    try:
+        marker = json.loads((folder / _MARKER).read_text(encoding="utf-8"))
+        return all((folder / name).stat().st_size == size for name, size in marker.get("files", {}).items())
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _remove_abandoned_work(folder: Path) -> None:
@@ -92,6 +102,7 @@ def _write_conversion(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_file(gguf)
     with quiet_loading(gguf=True):
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -111,14 +122,42 @@ def _write_conversion(gguf: Path, out: Path) -> None:
         try:
             plain.save_pretrained(out)
             tokenizer.save_pretrained(out)
-        except OSError as error:
+        except Exception as error:  # OSError, or safetensors' own error type for a full disk
+            if is_disk_full(error):
+                needed = sum(t.numel() * t.element_size() for t in plain.state_dict().values())
+                raise disk_full_error(out.parent, needed, hint="set INSTRUCTUNE_CACHE to a folder with room "
+                                      "for the converted model") from None
+            if not isinstance(error, OSError):
+                raise
             raise UserError(f"cannot write the converted model into {out.parent}: {one_line(error)} (set "
                             "INSTRUCTUNE_CACHE to a folder with room for it)") from None
         del plain
         _check_conversion(gguf_model, tokenizer, out)
     stat = gguf.stat()
-    marker = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "format": _CACHE_FORMAT}
+    # The sizes of the files written: a converted folder cut short or damaged later is found and made again.
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    marker = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "format": _CACHE_FORMAT,
+              "files": files}
     (out / _MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
+def check_gguf_file(gguf: Path) -> None:
+    """A `UserError` naming `gguf` when it is not a whole GGUF file: a header that does not parse, or tensors
+    whose data runs past the end of the file (a download or copy cut short)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return  # transformers asks for the `gguf` package itself, with its own message
+    size = gguf.stat().st_size
+    try:
+        reader = GGUFReader(gguf)
+        end = max((tensor.data_offset + tensor.n_bytes for tensor in reader.tensors), default=0)
+    except Exception as error:  # the reader fails in many ways on a cut file (struct, numpy, index errors)
+        raise UserError(f"{gguf} is not a readable GGUF file ({size:,} bytes): it is damaged or cut short "
+                        f"({one_line(error) or type(error).__name__}); download or copy it again") from None
+    if end > size:
+        raise UserError(f"{gguf} is cut short: its tensors need {end:,} bytes, the file has {size:,}; download "
+                        "or copy it again")
 
 
 def _dequantize_kwargs() -> dict:

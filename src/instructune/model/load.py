@@ -25,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from instructune.disk import check_complete_folder
 from instructune.errors import UserError
 from instructune.model.gguf import convert_gguf, converted_folder, is_converted_folder
 from instructune.model.lora import import_peft, is_lora_adapter_folder, quiet_peft
@@ -106,6 +107,7 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _resolve_folder(spec: str, folder: Path) -> ResolvedModel:
+    _refuse_damaged_checkpoint(folder)
     if is_lora_adapter_folder(folder):
         return ResolvedModel(spec, "adapter", folder, base=_resolve_adapter_base(folder))
     if (folder / "config.json").is_file():
@@ -115,6 +117,28 @@ def _resolve_folder(spec: str, folder: Path) -> ResolvedModel:
         return ResolvedModel(spec, "gguf", ggufs[0], converted_folder(ggufs[0]))
     found = f"{len(ggufs)} .gguf files (name one)" if ggufs else "no .gguf file"
     raise UserError(f"{spec} is not a model folder: it has no config.json, no adapter_config.json and {found}")
+
+
+_TRAINING_STATE_FILES = ("trainer_state.json", "training_config.yaml")
+
+
+def _refuse_damaged_checkpoint(folder: Path) -> None:
+    """A training checkpoint (it holds the training state) is loaded only when complete and undamaged."""
+    if any((folder / name).is_file() for name in _TRAINING_STATE_FILES):
+        check_complete_folder(folder, optional=("optimizer.pt",))
+
+
+def _damaged_weights(source: str) -> str | None:
+    """The first `.safetensors` file under the folder `source` whose header does not read, with why."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else ():
+        try:
+            with safe_open(str(file), framework="pt") as weights:
+                weights.keys()
+        except Exception as error:  # SafetensorError is a plain Exception
+            return f"{file} is damaged or cut short ({one_line(error)})"
+    return None
 
 
 def _resolve_adapter_base(folder: Path) -> ResolvedModel:
@@ -307,12 +331,23 @@ def _alias_hint(spec: str) -> str:
             f"{' or '.join(KNOWN_ALIASES)}")
 
 
+_DAMAGED_HINT = {"gguf": "it is instructune's own conversion of the GGUF file: delete that folder and load "
+                         "the .gguf again to convert it afresh",
+                 "folder": "save or copy the model again (for a checkpoint: use an older one)"}
+
+
 @contextmanager
 def _user_errors(resolved: ResolvedModel, source: str) -> Iterator[None]:
     """Turn the errors that a wrong spec makes `from_pretrained` raise into one-line `UserError`s."""
     try:
         yield
-    except (OSError, ValueError) as error:
+    except Exception as error:
+        if type(error).__name__ == "SafetensorError" or (resolved.kind != "hub" and _damaged_weights(source)):
+            damaged = _damaged_weights(source) or f"a .safetensors file in {source} is damaged ({one_line(error)})"
+            raise UserError(f"cannot load '{resolved.spec}': {damaged}; "
+                            f"{_DAMAGED_HINT.get(resolved.kind, 'save or copy the model again')}") from None
+        if not isinstance(error, (OSError, ValueError)):
+            raise
         reason = one_line(error)
         if resolved.kind == "hub" and isinstance(error, OSError):
             raise UserError(f"'{resolved.spec}' is neither a local folder or file nor reachable on the Hugging "

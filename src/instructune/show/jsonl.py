@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO
 
 from instructune.data.encoded import EncodedRow
+from instructune.disk import disk_full_error, is_disk_full
 from instructune.errors import UserError
 
 
@@ -43,8 +44,12 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[IO[str]]:
         os.chmod(tmp, _new_file_mode(path))
         os.replace(tmp, path)
     except BaseException as error:
+        written = None
         with suppress(OSError):
+            written = os.stat(tmp).st_size
             os.unlink(tmp)
+        if isinstance(error, OSError) and is_disk_full(error):
+            raise disk_full_error(path, written=written) from None
         if isinstance(error, OSError):
             raise UserError(f"cannot write {path}: {error.strerror or error}") from error
         raise

@@ -21,6 +21,7 @@ from typing import Any
 import instructune
 from instructune.data.encoded import EncodedRow, PreparationReport
 from instructune.data.hf_dataset import arrow_batches, columns, features, has_sources, row_dict
+from instructune.disk import disk_full_error, is_disk_full
 from instructune.errors import UserError
 from instructune.show.summary import length_stats
 
@@ -77,7 +78,10 @@ def write_prepared_folder(output: str | os.PathLike, rows: Sequence[EncodedRow],
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private; the result should look like any other
         _move_into_place(tmp, path)
     except BaseException as error:
+        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, Exception) and is_disk_full(error):
+            raise disk_full_error(path, written=written) from None
         if isinstance(error, OSError):
             raise UserError(f"cannot write {path}: {error.strerror or error}") from error
         raise

@@ -57,10 +57,11 @@ CHOICES = {
     "schedule": ("constant", "linear", "cosine"),
     "loss_normalization": ("token", "sequence"),
     "device": ("auto", "cpu", "cuda"),
-    "dtype": ("auto", "float32", "bfloat16"),
+    "precision": ("auto", "fp32", "bf16-mixed", "bf16-true"),
     "distributed": ("ddp", "fsdp"),
     "save_optimizer": ("last", "all", "none"),
     "export_gguf_type": ("f32", "f16", "q8_0"),
+    "dedupe": ("none", "exact"),
 }
 
 
@@ -81,8 +82,8 @@ class TrainConfig:
     """With LoRA: also write the base model with the adapter merged in, to OUTPUT_DIR/merged."""
     device: str = "auto"
     """auto (CUDA when available, else CPU), cpu or cuda."""
-    dtype: str = "auto"
-    """Weight dtype; auto: float32 on CPU (bf16 is ~100x slower there), bfloat16 on CUDA."""
+    precision: str = "auto"
+    """fp32, bf16-mixed (fp32 weights, bf16 autocast) or bf16-true (bf16 weights, compensated AdamW); auto: fp32 on CPU, bf16-mixed on CUDA."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower; off unless memory demands it)."""
     max_tokens_per_forward: int | None = None
@@ -93,12 +94,16 @@ class TrainConfig:
     # Data
     template: str | None = None
     """Chat template: alpaca, chatml, plain, a .jinja file, or null for the tokenizer's own."""
-    data: str | None = None
-    """Training data: a .json/.jsonl/.parquet/.csv file, a folder of them, or a Hub dataset name."""
+    data: str | list | None = None
+    """Training data: a .json/.jsonl/.parquet/.csv file, a folder of them, a Hub dataset name, or a list of sources mixed by share (docs/mixtures.md)."""
     eval_data: str | None = None
     """Evaluation data in the same forms; null: hold out `eval_fraction` of `data`."""
     eval_fraction: float = 0.05
-    """Share of `data` held out for evaluation when `eval_data` is null; 0 disables the split."""
+    """Share of `data` held out for evaluation when `eval_data` is null (a mixture: of each source, by content hash); 0 disables the split."""
+    dedupe: str = "none"
+    """none, or exact: drop a row that encodes exactly like an earlier one (the data is then read as a mixture)."""
+    mixture_rows: int | None = None
+    """Training rows of a mixture in all, the sources with a `weight` sharing what the others leave; null: as many as the weighted sources give without repeating a row."""
     format: str | None = None
     """Data format: alpaca, prompt_completion, messages, sharegpt, text; null: detected."""
     train_on: str = "assistant"
@@ -225,7 +230,7 @@ def field_docs() -> dict[str, str]:
 
 def _type_name(hint: Any) -> str:
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-             dict: "a mapping", type(None): "null"}
+             dict: "a mapping", list: "a list", type(None): "null"}
     args = typing.get_args(hint)
     if args:
         return " or ".join(names.get(a, str(a)) for a in args)
@@ -280,6 +285,11 @@ def _check_value(name: str, value: Any) -> Any:
         return _check_lora(value)
     if name == "report_to":
         return check_report_to(value)
+    if name == "data" and isinstance(value, list):
+        from instructune.data.mixture_sources import parse_sources
+
+        parse_sources(value)  # a ValueError names the source and key
+        return value
     hint = _HINTS[name]
     value = _coerce(value, hint)
     if name in CHOICES and value is not None and value not in CHOICES[name]:
@@ -310,6 +320,8 @@ def _check_ranges(config: TrainConfig) -> list[tuple[str, str]]:
         value = getattr(config, name)
         if value is not None and value < 0:
             problems.append((name, f"must not be negative, got {value}"))
+    if config.mixture_rows is not None and config.mixture_rows < 1:
+        problems.append(("mixture_rows", f"must be at least 1 (or null), got {config.mixture_rows}"))
     if config.max_steps is not None and config.max_steps < 1:
         problems.append(("max_steps", f"must be at least 1 (or null to use epochs), got {config.max_steps}"))
     try:
@@ -333,6 +345,9 @@ def _check_ranges(config: TrainConfig) -> list[tuple[str, str]]:
 # Loading
 
 def _unknown_key(key: str, where: str) -> UserError:
+    if key == "dtype":  # the key `precision` replaced
+        return UserError(f"{where}: 'dtype' is now 'precision': fp32, bf16-mixed, bf16-true or auto "
+                         "(docs/precision.md)")
     close = difflib.get_close_matches(str(key), FIELD_NAMES, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return UserError(f"{where}: unknown key '{key}'{hint}; see configs/default.yaml for every key")
@@ -359,7 +374,11 @@ is left as it is."""
 
 def _relative_to(folder: Path, key: str, value: Any) -> Any:
     """`value` of `key` from a config file in `folder`: a relative path that exists there, or that starts
-    with ./ or ../, joined to `folder`; anything else unchanged."""
+    with ./ or ../, joined to `folder`; anything else unchanged. The `path` of each source of a `data`
+    list is read the same way."""
+    if key == "data" and isinstance(value, list):
+        return [dict(item, path=_relative_to(folder, key, item["path"])) if isinstance(item, dict) and "path" in item
+                else _relative_to(folder, key, item) for item in value]
     if key not in PATH_KEYS or not isinstance(value, str) or not value.strip():
         return value
     from instructune.data.templates import BUILTIN_TEMPLATES

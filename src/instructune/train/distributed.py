@@ -221,14 +221,14 @@ class Parallel:
 
     def load_optimizer_state(self, checkpoint: os.PathLike, optimizer: torch.optim.Optimizer) -> None:
         """Restore the optimizer from a checkpoint's full state (scattered into the shards under FSDP)."""
-        from instructune.train.checkpoint import load_optimizer_state, optimizer_state_file
+        from instructune.train.checkpoint import load_optimizer_state, read_optimizer_state
 
         if not self.sharded:
             load_optimizer_state(checkpoint, optimizer)
             return
         from instructune.train.fsdp import load_full_optimizer_state
 
-        saved = torch.load(optimizer_state_file(checkpoint), map_location="cpu", weights_only=True)
+        saved = read_optimizer_state(checkpoint, "cpu")
         load_full_optimizer_state(self.module, optimizer, saved)
 
     def seed_step(self, seed: int, step: int) -> None:

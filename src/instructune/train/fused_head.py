@@ -14,6 +14,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from instructune.train.precision import autocast_dtype
+
 
 def transform_logits(logits: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
     """The model's own output transform of the head's logits: scale, then soft-cap."""
@@ -52,6 +54,17 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap, count_correct, spare,
                 target_weights=None):
+        # Under bf16 autocast (`precision: bf16-mixed`) the products run in bf16, as autocast would run
+        # them; the logits, log-softmax, loss and the head gradient's sum stay fp32. The casts are made
+        # here, with autocast off, so that no op of the function is cast behind its back.
+        compute = autocast_dtype(hidden.device.type) or weight.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            return FusedLinearCrossEntropy._forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap,
+                                                    count_correct, spare, target_weights, compute)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap, count_correct, spare,
+                 target_weights, compute):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         n = hidden.shape[0]
         chunk_size = max(1, min(chunk_size, n))
@@ -60,14 +73,16 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
-        plain = weight.dtype == torch.float32 and bias is None and scale == 1.0 and softcap is None
+        plain = weight.dtype == compute == torch.float32 and bias is None and scale == 1.0 and softcap is None
+        param_dtype, weight = weight.dtype, weight.to(compute)
+        bias = bias.to(compute) if bias is not None else None
         logits_buffer = torch.empty(chunk_size, weight.shape[0], dtype=torch.float32, device=hidden.device)
         per_target = torch.empty(n if target_weights is not None else 0, dtype=torch.float32, device=hidden.device)
         # The plain head's log-softmax overwrites its logits (row by row, after reading them: bitwise what a
         # second buffer gets, tested), so one chunk-sized buffer is live, not two (A: 33 MB, Gemma-3: 134 MB).
         logp_buffer = logits_buffer if plain else torch.empty_like(logits_buffer)
         for start in range(0, n, chunk_size):
-            rows = hidden[start:start + chunk_size]
+            rows = hidden[start:start + chunk_size].to(compute)
             tgt = targets[start:start + chunk_size]
             if plain:
                 logits = torch.mm(rows, weight.t(), out=logits_buffer[:rows.shape[0]])
@@ -90,14 +105,16 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 grad.mul_(scale)
             if target_weights is not None:  # d(w * nll) / d logits = w * d nll / d logits, row by row
                 grad.mul_(target_weights[start:start + chunk_size, None])
-            grad = grad.to(weight.dtype)
-            if need_hidden:
+            grad = grad.to(compute)
+            if need_hidden and grad_hidden.dtype == compute:
                 torch.mm(grad, weight, out=grad_hidden[start:start + chunk_size])
+            elif need_hidden:  # fp32 hidden rows under autocast: the bf16 product, stored in fp32
+                grad_hidden[start:start + chunk_size] = grad @ weight
             if need_weight:
                 if grad_weight is None:  # the first chunk's product, not a zero-filled [V, H] plus it
                     grad_weight = (torch.mm(grad.t(), rows, out=spare) if _fits(spare, weight, plain)
                                    else (grad.t() @ rows).float())
-                elif weight.dtype == torch.float32:
+                elif compute == torch.float32:
                     grad_weight.addmm_(grad.t(), rows)
                 else:
                     grad_weight += (grad.t() @ rows).float()
@@ -106,7 +123,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         if need_weight and grad_weight is None:  # no targets: an exact zero gradient
             grad_weight = spare.zero_() if _fits(spare, weight, plain) else torch.zeros_like(weight, dtype=torch.float32)
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
-        ctx.param_dtype = weight.dtype
+        ctx.param_dtype = param_dtype
         ctx.mark_non_differentiable(correct, per_target)
         return loss, correct, per_target
 

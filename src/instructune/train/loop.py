@@ -12,6 +12,9 @@
    a row longer than the budget recomputes its activations in backward (`recompute.recomputing`);
 4. clip, set the scheduled learning rate, AdamW step; one host sync to read the loss.
 
+SIGTERM or SIGINT while the steps run ends the run after the current step, with a checkpoint of it
+(`instructune.train.stopping`); a second signal ends it at once.
+
 Several ranks (`torchrun`, see `instructune.train.distributed`): the step's micro-batches are the same as on
 one process, and each rank trains on its share of every one; DDP or FSDP2 sums the gradients. Rank 0
 alone prints, writes metrics and checkpoints; every rank evaluates its share of the eval rows.
@@ -35,15 +38,17 @@ from instructune.data.weights import tokenizer_prefix_length
 from instructune.errors import UserError
 from instructune.model.fused_layers import recomputed_norm_outputs
 from instructune.model.varlen_attention import takes_row_boundaries
-from instructune.train.checkpoint import latest_checkpoint, quiet_saving, save_checkpoint
+from instructune.train.checkpoint import latest_checkpoint, load_trainer_state, quiet_saving, save_checkpoint
 from instructune.train.config import TrainConfig, config_to_yaml
 from instructune.train.distributed import NoMetrics, shutdown, without_targets
 from instructune.train.loss import recycle_head_gradient, row_mean_sum
-from instructune.train.metrics import MetricsLogger, ProgressReporter, plot_losses
+from instructune.train.metrics import MetricsLogger, ProgressReporter, plot_losses, read_metrics
 from instructune.train.optim import grad_norm, lr_at, set_lr
+from instructune.train.precision import autocast
 from instructune.train.recompute import recomputing
 from instructune.train.setup import TrainingRun, removed_if_unused, setup_run
 from instructune.train.step_plan import step_counts
+from instructune.train.stopping import GracefulStop, TrainingStopped, resume_command
 from instructune.train.threads import cpu_thread_governor
 from instructune.train.trackers import require_trackers
 
@@ -91,7 +96,8 @@ def evaluate(run: TrainingRun, eval_rows: list[EncodedRow] | None = None) -> dic
     for first in range(0, len(order), size * parallel.world_size):
         rows = [eval_rows[i] for i in order[first + parallel.rank * size:first + (parallel.rank + 1) * size]]
         batch = collate_padded(rows or [eval_rows[order[0]]], pad)
-        out = parallel.loss(_to_device(batch if rows else without_targets(batch), run.device), compute_accuracy=True)
+        with autocast(run.config.precision, run.device):
+            out = parallel.loss(_to_device(batch if rows else without_targets(batch), run.device), compute_accuracy=True)
         loss_sum += out.loss_sum.double().cpu()
         correct += int(out.num_correct)
         targets += out.num_targets
@@ -123,7 +129,8 @@ def accumulate_gradients(run: TrainingRun, batches: list[dict[str, torch.Tensor]
     for index, batch in enumerate(batches):
         batch = _to_device(batch, run.device)
         sync = index == len(batches) - 1  # DDP sums the ranks' gradients once, in the last backward
-        with recomputing(run.model, bool(recompute and recompute[index])), lean_norm_outputs(run):
+        with (recomputing(run.model, bool(recompute and recompute[index])), lean_norm_outputs(run),
+              autocast(config.precision, run.device)):  # bf16-mixed: bf16 products, the loss in fp32
             out = run.parallel.loss(batch, sync=sync, per_row=config.loss_normalization != "token", **options)
             loss = (out.loss_sum if config.loss_normalization == "token" else row_mean_sum(out)) / denominator
         loss.backward()
@@ -143,9 +150,11 @@ def lean_norm_outputs(run: TrainingRun):
 
 def _optimizer_step(run: TrainingRun, batches: list[dict[str, torch.Tensor]], denominator: float,
                     lr: float, recompute: list[bool] | None = None,
-                    parts: list[float] | None = None) -> tuple[float, float]:
+                    parts: list[float] | None = None, stop: list[float] | None = None) -> tuple[float, float]:
     """One optimizer step over `batches`; returns (loss, grad norm before clipping). With an instruction
-    weight, `parts` (a list) receives the step's summed response and instruction -log p, all ranks."""
+    weight, `parts` (a list) receives the step's summed response and instruction -log p, all ranks.
+    `stop` ([1.0] when this rank was asked to stop, else [0.0]) is summed over the ranks in place, in the
+    step's one all-reduce, so that every rank decides the same."""
     config = run.config
     set_lr(run.optimizer, lr)
     sums = torch.zeros(2, device=run.device) if config.instruction_weight and parts is not None else None
@@ -159,11 +168,15 @@ def _optimizer_step(run: TrainingRun, batches: list[dict[str, torch.Tensor]], de
     run.optimizer.grad_scale = None
     recycle_head_gradient(run.model)  # its memory stays mapped for the next step's head
     run.optimizer.zero_grad(set_to_none=True)
+    extra = list(stop or [])
     if sums is not None:  # the parts ride along in the same single all-reduce
-        loss, *summed = run.parallel.sum(total, *sums)
-        parts[:] = summed
-        return loss, float(norm)
-    return run.parallel.sum(total)[0], float(norm)  # the step's one host sync (and all-reduce of the loss)
+        loss, *summed = run.parallel.sum(total, *sums, *extra)
+        parts[:] = summed[:2]
+    else:
+        loss, *summed = run.parallel.sum(total, *extra)  # the step's one host sync (and all-reduce of the loss)
+    if stop:
+        stop[:] = summed[-1:]
+    return loss, float(norm)
 
 
 def _clip(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
@@ -184,13 +197,15 @@ def _clip(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm
     return norm
 
 
-def _save(run: TrainingRun, step: int, epoch: int) -> None:
+def _save(run: TrainingRun, step: int, epoch: int, *, pending_eval: bool = False) -> None:
+    """Write the checkpoint of `step` (rank 0; the others wait). `pending_eval`: the evaluation due at this
+    step was skipped (a stop), and the resumed run does it first."""
     model_state, optimizer_state = run.parallel.gather_state(run.optimizer)  # FSDP: from every rank's shards
     if run.parallel.is_main:
         save_checkpoint(run.output_dir, step, model=run.model, tokenizer=run.tokenizer,
                         config_yaml=config_to_yaml(run.config), optimizer=run.optimizer,
                         state={**run.state, "epoch": epoch, "total_steps": run.plan.total_steps(),
-                               "world_size": run.parallel.world_size},
+                               "world_size": run.parallel.world_size, "pending_eval": pending_eval},
                         keep_last=run.config.keep_last, model_state=model_state, optimizer_state=optimizer_state,
                         save_optimizer=run.config.save_optimizer)
     run.parallel.barrier()  # no rank goes on (or looks for the checkpoint) before it is complete
@@ -210,9 +225,18 @@ class TrainResult:
     gguf: Path | None = None
     """The GGUF file written at the end (`export_gguf`), or None."""
 
+    @property
+    def metrics(self) -> list[dict]:
+        """Every record of the run's `metrics.jsonl` (one per optimizer step and per evaluation, told
+        apart by `split`), read from the file."""
+        return read_metrics(self.output_dir)
 
-def fit(run: TrainingRun, *, console=None) -> TrainResult:
-    """Run the optimizer steps from `run.start_step` to the end, evaluating and saving on schedule."""
+
+def fit(run: TrainingRun, *, console=None, start_eval: dict[str, float] | None = None) -> TrainResult:
+    """Run the optimizer steps from `run.start_step` to the end, evaluating and saving on schedule.
+
+    `start_eval`: the evaluation of the model before its first step (from `evaluate`), logged as step 0
+    of a run that starts from the beginning, so that `loss.png` shows where the eval loss started."""
     from rich.console import Console
 
     console = (console or Console(highlight=False, soft_wrap=True)) if run.parallel.is_main else Console(quiet=True)
@@ -222,11 +246,17 @@ def fit(run: TrainingRun, *, console=None) -> TrainResult:
                             config=config.to_dict()) if run.parallel.is_main else NoMetrics())
     for tracker in getattr(logger, "trackers", ()):  # rank 0 alone reports (NoMetrics has none)
         console.print(tracker.note, markup=False, highlight=False)
+    if start_eval is not None and run.start_step == 0:
+        logger.log({"split": "eval", "step": 0, **start_eval})
+    if run.resumed_from and run.eval_rows and load_trainer_state(run.resumed_from).get("pending_eval"):
+        logger.log({"split": "eval", "step": run.start_step, **evaluate_all(run)})  # skipped by the stop
     progress = ProgressReporter(console, total_steps, run.start_step, run.state["tokens"], config.log_every)
     last_loss, eval_metrics, epoch = None, None, 0
     started = time.perf_counter() - run.state["elapsed_s"]
     governor = cpu_thread_governor(run.device.type)  # fewer threads while other processes share the cores
+    stop = GracefulStop(quiet=not run.parallel.is_main)
     try:
+        stop.install()
         for step in range(run.start_step, total_steps):
             if governor is not None and (threads := governor.update()) is not None:
                 console.print(f"other processes are using the CPU: {threads} thread(s) now", markup=False)
@@ -240,7 +270,9 @@ def fit(run: TrainingRun, *, console=None) -> TrainResult:
             lr = lr_at(step, peak=config.lr, total_steps=total_steps, warmup_steps=config.warmup_steps,
                        schedule=config.schedule)
             parts: list[float] = []
-            last_loss, grad_norm = _optimizer_step(run, batches, denominator, lr, recompute, parts)
+            asked = [1.0 if stop.requested else 0.0]  # every rank's, summed in the step's all-reduce
+            last_loss, grad_norm = _optimizer_step(run, batches, denominator, lr, recompute, parts, asked)
+            stopping = asked[0] > 0 or (run.parallel.world_size == 1 and stop.requested is not None)
             if not math.isfinite(last_loss):
                 raise UserError(f"the loss became {last_loss} at step {step + 1}; lower lr (now {lr:.2g}) or "
                                 "check the data; the last good checkpoint is kept")
@@ -258,14 +290,19 @@ def fit(run: TrainingRun, *, console=None) -> TrainResult:
             logger.log(record)
             progress.update(step + 1, record)
             done = step + 1 == total_steps
-            if run.eval_rows and (done or (config.eval_every and (step + 1) % config.eval_every == 0)):
+            stopping = stopping and not done  # the last step: the run ends as it would anyway
+            eval_due = bool(run.eval_rows) and (done or bool(config.eval_every and (step + 1) % config.eval_every == 0))
+            if eval_due and not stopping:  # a stop skips it (time matters then); the resumed run does it first
                 eval_metrics = evaluate_all(run)
                 logger.log({"split": "eval", "step": step + 1, **eval_metrics})
                 progress.note(f"step {step + 1}: eval loss {eval_metrics['loss']:.4f}, "
                               f"accuracy {eval_metrics['accuracy']:.1%}")
-            if done or (config.save_every and (step + 1) % config.save_every == 0):
-                _save(run, step + 1, epoch)
+            if stopping or done or (config.save_every and (step + 1) % config.save_every == 0):
+                _save(run, step + 1, epoch, pending_eval=stopping and eval_due)
+            if stopping:
+                _stopped(run, stop, step + 1, total_steps)
     finally:
+        stop.restore()
         progress.close()
         logger.close()
     if run.start_step >= total_steps:
@@ -278,6 +315,14 @@ def fit(run: TrainingRun, *, console=None) -> TrainResult:
     merged = _write_merged(run) if config.merge_lora and run.parallel.is_main else None
     gguf = _export_gguf(config, checkpoint, console) if config.export_gguf and run.parallel.is_main else None
     return TrainResult(run.output_dir, checkpoint, total_steps, last_loss, eval_metrics, merged, gguf)
+
+
+def _stopped(run: TrainingRun, stop: GracefulStop, step: int, total_steps: int) -> None:
+    """Raise `TrainingStopped` after the checkpoint of `step`, saying how to resume."""
+    checkpoint = latest_checkpoint(run.output_dir) or run.output_dir
+    why = stop.requested or "a signal on another rank"
+    raise TrainingStopped(f"stopped by {why} after step {step} of {total_steps}; checkpoint saved in {checkpoint}\n"
+                          f"to continue: {resume_command()}", step=step, checkpoint=checkpoint)
 
 
 def _export_gguf(config: TrainConfig, checkpoint: Path, console) -> Path:

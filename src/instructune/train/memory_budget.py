@@ -1,8 +1,8 @@
 """The automatic token budget of one forward pass (`max_tokens_per_forward: null`), from free memory.
 
 Training memory is the model state (weights, gradients, AdamW's two moments: 16 bytes a trainable
-fp32 parameter), which no split can shrink, plus the activations saved for backward, which grow with
-the tokens of one forward pass. The rule:
+fp32 parameter, 14 in bf16-true; docs/precision.md), which no split can shrink, plus the activations
+saved for backward, which grow with the tokens of one forward pass. The rule:
 
     budget = (free memory - state still to be allocated) / 2 / activation bytes per token
 
@@ -44,11 +44,16 @@ def activation_bytes_per_token(model: nn.Module, *, lean_layers: bool = True) ->
 
 
 def state_bytes_to_come(model: nn.Module) -> int:
-    """Memory the model state still needs once the weights are loaded: a gradient and two AdamW moments
-    per trainable parameter, plus the weights themselves (they may still be mapped from the file)."""
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    """Memory the model state still needs once the weights are loaded: per trainable parameter a gradient
+    (the weight's dtype) and two fp32 AdamW moments, plus a compensation buffer for a bf16 weight
+    (`compensated_adamw`), plus the weights themselves (they may still be mapped from the file)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return weights + 3 * trainable
+    state = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            compensation = p.element_size() if p.element_size() < 4 else 0
+            state += p.numel() * (p.element_size() + 8 + compensation)
+    return weights + state
 
 
 def free_memory(device: torch.device) -> int:

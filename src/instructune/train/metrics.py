@@ -16,6 +16,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from instructune.disk import disk_full_error, is_disk_full
 from instructune.train.trackers import close_all, open_trackers
 
 METRICS_FILE = "metrics.jsonl"
@@ -59,20 +60,55 @@ class MetricsLogger:
         """Keep the records up to `step`: steps after it are about to be trained again."""
         kept = [r for r in read_metrics(self.output_dir) if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            if is_disk_full(error):
+                raise disk_full_error(self.path, len(text.encode())) from None
+            raise
 
     def log(self, record: dict[str, Any]) -> None:
-        """Write one record (it must carry `step` and `split`)."""
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        """Write one record (it must carry `step` and `split`); on a full disk, a `UserError` and the file
+        cut back to its last whole line."""
+        line = json.dumps(record) + "\n"
+        end = self._file.tell()
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError as error:
+            self._cut_back(end)
+            if is_disk_full(error):
+                raise disk_full_error(self.path, len(line), hint="free some space, then continue with resume=true "
+                                      "(the newest checkpoint is intact)") from None
+            raise
         for tracker in self.trackers:
             tracker.log(record)
+
+    def _cut_back(self, end: int) -> None:
+        """Drop what a failed write left after byte `end`, and open the file afresh (its buffer is stuck)."""
+        try:
+            self._file.close()
+        except OSError:
+            pass  # closing flushes the stuck buffer again, and fails again: the bytes are dropped below
+        os.truncate(self.path, end)
+        self._file = self.path.open("a", encoding="utf-8")
 
     def close(self) -> None:
         """Flush and close the outputs."""
         self._file.close()
         close_all(self.trackers)
+
+
+def loss_curves(records: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """The (step, loss) points `loss.png` draws: training steps, and evaluations (step 0: before training)."""
+    # With an instruction weight `loss` is the weighted loss; the response loss keeps curves comparable.
+    train = [(r["step"], r.get("response_loss", r["loss"])) for r in records
+             if r.get("split") == "train" and _finite(r.get("response_loss", r.get("loss")))]
+    evals = [(r["step"], r["loss"]) for r in records if r.get("split") == "eval" and _finite(r.get("loss"))]
+    return train, evals
 
 
 def plot_losses(output_dir: str | os.PathLike) -> Path | None:
@@ -84,11 +120,7 @@ def plot_losses(output_dir: str | os.PathLike) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:  # matplotlib is the optional `plot` extra
         return None
-    records = read_metrics(output_dir)
-    # With an instruction weight `loss` is the weighted loss; the response loss keeps curves comparable.
-    train = [(r["step"], r.get("response_loss", r["loss"])) for r in records
-             if r.get("split") == "train" and _finite(r.get("response_loss", r.get("loss")))]
-    evals = [(r["step"], r["loss"]) for r in records if r.get("split") == "eval" and _finite(r.get("loss"))]
+    train, evals = loss_curves(read_metrics(output_dir))
     if not train and not evals:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)

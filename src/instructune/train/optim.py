@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from instructune.train.compensated_adamw import LOW_PRECISION, CompensatedAdamW
+
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight matrices and embeddings decay; biases and norm scales (1-D) never do."""
@@ -23,13 +25,17 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters with the fused kernel (multi-tensor `foreach` as a fallback).
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters with the fused kernel (multi-tensor `foreach` as a fallback), on
+    CPU and CUDA alike; with bf16 weights (`precision: bf16-true`), `CompensatedAdamW`, which keeps updates
+    smaller than bf16's resolution (a plain AdamW rounds them away).
 
     Fused measured 4.3x faster than foreach on this project's 2-core CPU for SmolLM2-135M's parameters
     (0.17 s against 0.76 s a step), where foreach would take a fifth of every step.
     """
     groups = parameter_groups(model, weight_decay)
+    if any(p.dtype in LOW_PRECISION for group in groups for p in group["params"]):
+        return CompensatedAdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
     except RuntimeError:  # a device or dtype without a fused kernel
@@ -53,6 +59,9 @@ def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     grads = [g for g in grads if g is not None]
     if not grads:
         return torch.zeros(())
+    if any(g.dtype in LOW_PRECISION for g in grads):  # bf16 gradients: their norm summed in fp32, not in bf16
+        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+        return torch.linalg.vector_norm(norms.double()).float()
     if any(g.device.type != "cpu" or g.dtype != torch.float32 or g.is_sparse for g in grads):
         return torch.nn.utils.get_total_norm(grads, foreach=True)
     total = torch.zeros((), dtype=torch.float64)

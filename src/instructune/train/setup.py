@@ -26,6 +26,8 @@ from instructune.errors import UserError
 from instructune.model.varlen_attention import takes_row_boundaries, use_varlen_attention
 from instructune.train.checkpoint import (
     CONFIG_FILE,
+    check_checkpoint,
+    incomplete_checkpoints,
     latest_checkpoint,
     load_trainer_state,
     remove_leftovers,
@@ -42,7 +44,9 @@ from instructune.train.distributed import Parallel, init_distributed
 from instructune.train.memory_budget import resolve_tokens_per_forward
 from instructune.train.metrics import METRICS_FILE
 from instructune.train.optim import build_optimizer, default_warmup_steps
+from instructune.train.precision import resolve_precision, weight_dtype
 from instructune.train.step_plan import StepPlan
+from instructune.train.training_data import check_data
 
 RUN_FILES = ("config.yaml", METRICS_FILE, "loss.png", "tensorboard", "merged")
 """What a run writes into its output folder besides checkpoints (removed by `overwrite: true`)."""
@@ -79,14 +83,13 @@ class TrainingRun:
 
 
 def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
-    """The device and weight dtype: fp32 on CPU, bf16 on CUDA unless the config says otherwise."""
+    """The device and the weight dtype of `config.precision` there (bf16 only for bf16-true; see
+    `instructune.train.precision`)."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device: cuda was asked for, but no CUDA device is available")
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
-    if config.dtype == "auto":
-        return device, torch.bfloat16 if use_cuda else torch.float32
-    return device, getattr(torch, config.dtype)
+    return device, weight_dtype(resolve_precision(config.precision, device))
 
 
 def _prepare_output_dir(config: TrainConfig, output_dir: Path, console) -> Path | None:
@@ -95,6 +98,11 @@ def _prepare_output_dir(config: TrainConfig, output_dir: Path, console) -> Path 
     remove_leftovers(output_dir)
     latest = latest_checkpoint(output_dir)
     if config.resume:
+        for folder in incomplete_checkpoints(output_dir, after=latest):
+            console.print(f"note: {folder} has no COMPLETE marker (its writing was interrupted, or it was copied in "
+                          "part): it is not resumed from", markup=False)
+        if latest is not None:
+            check_checkpoint(latest)  # a file cut short or damaged since: refused before anything loads it
         if latest is None:
             console.print(f"resume: no complete checkpoint in {output_dir}, starting from the beginning")
         return latest
@@ -184,6 +192,11 @@ def _split_rows(rows: list[EncodedRow], config: TrainConfig) -> tuple[list[Encod
 def prepare_splits(config: TrainConfig, tokenizer, console) -> tuple[list[EncodedRow], list[EncodedRow], str]:
     """Encode the training (and evaluation) data; returns (train rows, eval rows, template text)."""
     from instructune.data.prepare import prepare_dataset, require_kept_rows
+    from instructune.train.training_data import prepare_config_mixture, uses_mixture
+
+    if uses_mixture(config):  # several sources (or dedupe): train/training_data.py
+        splits = prepare_config_mixture(config, tokenizer, console)
+        return splits.mixture.train_rows, splits.eval_rows, splits.mixture.template
 
     prepared = prepare_dataset(config.data, tokenizer, config.encoding, num_proc=config.num_proc)
     _print_report(console, config.data, prepared.report)
@@ -230,12 +243,13 @@ def build_model(config: TrainConfig, tokenizer, template: str, device: torch.dev
     model.generation_config.eos_token_id = end_of_turn_token_ids(tokenizer, template)
     if tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if device.type == "cuda" and config.packing and importlib.util.find_spec("flash_attn") is not None:
-        # Padding-free packing: the loss hands flash-attention the row boundaries (varlen kernel), so no
-        # mask is built at all. Without flash-attn, sdpa gets a block-diagonal mask from the positions.
+    if (config.padding_free or config.packing) and uses_flash_attention(device, config.precision):
+        # Padding-free rows: the loss hands flash-attention the row boundaries (varlen kernel), so no
+        # mask is built at all.
         model.set_attn_implementation("flash_attention_2")
-    elif device.type == "cpu" and (config.padding_free or config.packing):
-        # Rows concatenated without padding; attention per row from the boundaries (varlen_attention.py).
+    elif config.padding_free or config.packing:
+        # Rows concatenated without padding; attention per row from the boundaries (varlen_attention.py,
+        # batched SDPA on any device).
         use_varlen_attention(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -260,6 +274,13 @@ def build_model(config: TrainConfig, tokenizer, template: str, device: torch.dev
     return model
 
 
+def uses_flash_attention(device: torch.device, precision: str) -> bool:
+    """Whether padding-free rows go through flash-attention's varlen kernel: on CUDA, in a bf16 mode (its
+    kernels take no fp32), when `flash_attn` is installed; otherwise they go through SDPA."""
+    return (device.type == "cuda" and resolve_precision(precision, device) != "fp32"
+            and importlib.util.find_spec("flash_attn") is not None)
+
+
 def resolve_config(config: TrainConfig, name: str, total_steps: int | None = None) -> TrainConfig:
     """Fill the defaults that depend on other keys: tokenizer, lr, output_dir, warmup_steps."""
     resolved = replace(config, tokenizer=config.tokenizer or config.model, lr=config.effective_lr,
@@ -276,12 +297,17 @@ def setup_run(config: TrainConfig, *, name: str = "default", console=None) -> Tr
     console = console or Console(highlight=False, soft_wrap=True)
     if not config.data:
         raise UserError("'data' is not set: give the training data in the config or as data=PATH")
+    check_data(config)  # a mixture's sources exist and its column mappings fit, before anything is loaded
     check_template_choice(config.template)  # a broken template file stops the run before anything is written
     config = resolve_config(config, name)
     output_dir = Path(config.output_dir)
     device, dtype = resolve_device(config)
+    config = replace(config, precision=resolve_precision(config.precision, device))  # auto: chosen by the device
     parallel = init_distributed(config, device)
     device, console = parallel.device, console if parallel.is_main else Console(quiet=True)
+    # The data before the output folder: a bad or empty file is the problem to report, even where the
+    # folder already holds a run (which would otherwise be the first error, and the data's only on a retry).
+    data = _prepare_data(config, parallel, console)
     created: list[Path] = []  # on rank 0: the folders this run creates, removed again if it fails unused
 
     def prepare_output() -> Path | None:
@@ -290,7 +316,7 @@ def setup_run(config: TrainConfig, *, name: str = "default", console=None) -> Tr
 
     resume_from = parallel.on_main(prepare_output)
     try:
-        run = _setup_in(config, name, output_dir, device, dtype, parallel, console, resume_from)
+        run = _setup_in(config, name, output_dir, device, dtype, parallel, console, resume_from, data)
     except BaseException:
         remove_unused_output(created)
         raise
@@ -298,19 +324,36 @@ def setup_run(config: TrainConfig, *, name: str = "default", console=None) -> Tr
     return run
 
 
-def _setup_in(config: TrainConfig, name: str, output_dir: Path, device: torch.device, dtype: torch.dtype,
-              parallel: Parallel, console, resume_from: Path | None) -> TrainingRun:
-    """`setup_run` once the output folder is ready: data, model, optimizer, the checkpoint to resume."""
+@dataclass
+class _PreparedData:
+    """The tokenizer and the encoded rows, made before the output folder is touched."""
+
+    tokenizer: object
+    train_rows: list[EncodedRow]
+    eval_rows: list[EncodedRow]
+    template: str
+
+
+def _prepare_data(config: TrainConfig, parallel: Parallel, console) -> _PreparedData:
+    """Load the tokenizer and encode the data; a `UserError` when there is nothing to train on."""
     from instructune.model.load import load_tokenizer
 
+    # Seeded first, as before the data moved ahead of the output folder: whatever draws from here on
+    # draws the same numbers.
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-
     with parallel.local_main_first():  # it converts and encodes once; the others read its caches
         tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
         train_rows, eval_rows, template = prepare_splits(config, tokenizer, console)
     if not train_rows:
         raise UserError(f"{config.data}: no row left to train on")
+    return _PreparedData(tokenizer, train_rows, eval_rows, template)
+
+
+def _setup_in(config: TrainConfig, name: str, output_dir: Path, device: torch.device, dtype: torch.dtype,
+              parallel: Parallel, console, resume_from: Path | None, data: _PreparedData) -> TrainingRun:
+    """`setup_run` once the data is encoded and the output folder ready: model, optimizer, the checkpoint."""
+    tokenizer, train_rows, eval_rows, template = data.tokenizer, data.train_rows, data.eval_rows, data.template
     tokenizer.chat_template = template  # checkpoints chat with the template they were trained with
     plan = StepPlan(row_lengths(train_rows), config, world_size=parallel.world_size, rank=parallel.rank)
     config = resolve_config(config, name, plan.total_steps())  # the plan reads no key this changes

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -135,6 +136,23 @@ def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor, *, pad_token_id: 
         out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions, use_cache=True, **extra)
 
 
+@dataclass
+class GenerationProgress:
+    """Where a `generate_ids` call stands, after each decoding step (for a progress display)."""
+
+    prompts: int
+    """All the prompts of the call."""
+    answered: int
+    """Prompts whose answer is complete: it stopped, or reached `max_new_tokens`."""
+    tokens: int
+    """New tokens so far, stop tokens included, over all rows."""
+    steps: int
+    """Decoding steps so far, over all batches (the first of a batch includes its prompt's forward)."""
+    max_steps: int
+    """The most steps the call can take: the steps of the finished batches, `max_new_tokens` for each
+    other batch. It shrinks when a batch stops early, so it bounds the time left from above."""
+
+
 def _cut_at_stop(ids: list[int], stop_token_ids: list[int]) -> list[int]:
     """The ids before the first stop token (all of them when there is none)."""
     return next((ids[:k] for k, token in enumerate(ids) if token in stop_token_ids), ids)
@@ -142,10 +160,11 @@ def _cut_at_stop(ids: list[int], stop_token_ids: list[int]) -> list[int]:
 
 def generate_ids(model, prompts: list[list[int]], *, stop_token_ids: list[int], pad_token_id: int,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 batch_size: int = 8, on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+                 batch_size: int = 8, on_batch: Callable[[int], None] | None = None,
+                 on_step: Callable[[GenerationProgress], None] | None = None) -> list[list[int]]:
     """The new ids of each prompt (without the stop token), in input order, batched by similar length.
 
-    `on_batch(n)` is called after every batch of n prompts.
+    `on_batch(n)` is called after every batch of n prompts, `on_step` after every decoding step.
     """
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     if batch_size < 1:
@@ -156,12 +175,26 @@ def generate_ids(model, prompts: list[list[int]], *, stop_token_ids: list[int], 
     results: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
+    batches = -(-len(order) // batch_size)
+    progress = GenerationProgress(len(prompts), 0, 0, 0, batches * max_new_tokens)
+    stop = torch.tensor(stop_token_ids or [-1])
     try:
         for start in range(0, len(order), batch_size):
             chosen = order[start:start + batch_size]
             ids, mask = left_pad([prompts[i] for i in chosen], pad_token_id)
-            steps = list(decode_steps(model, ids.to(device), mask.to(device), pad_token_id=pad_token_id,
-                                stop_token_ids=stop_token_ids, max_new_tokens=max_new_tokens, pick=pick))
+            steps, done = [], torch.zeros(len(chosen), dtype=torch.bool)
+            for next_ids in decode_steps(model, ids.to(device), mask.to(device), pad_token_id=pad_token_id,
+                                         stop_token_ids=stop_token_ids, max_new_tokens=max_new_tokens, pick=pick):
+                steps.append(next_ids)
+                if on_step is not None:
+                    progress.tokens += int((~done).sum())
+                    done |= torch.isin(next_ids.cpu(), stop)
+                    progress.steps += 1
+                    last = len(steps) == max_new_tokens or bool(done.all())
+                    progress.answered = start + (len(chosen) if last else int(done.sum()))
+                    if last:  # this batch ends here: its unused steps no longer count
+                        progress.max_steps -= max_new_tokens - len(steps)
+                    on_step(progress)
             tokens = torch.stack(steps, dim=1).tolist()
             for row, i in enumerate(chosen):
                 results[i] = _cut_at_stop(tokens[row], stop_token_ids)
@@ -179,12 +212,13 @@ def decode_answer(tokenizer, ids: list[int]) -> str:
 
 def answer_conversations(loaded: LoadedModel, conversations: list[Conversation], *, max_new_tokens: int = 64,
                          temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                         batch_size: int = 8, on_batch: Callable[[int], None] | None = None) -> list[str]:
+                         batch_size: int = 8, on_batch: Callable[[int], None] | None = None,
+                         on_step: Callable[[GenerationProgress], None] | None = None) -> list[str]:
     """The answer to each conversation (without its final assistant turn, if any), decoded, in input order."""
     prompts = encode_prompts(loaded.tokenizer, loaded.template, [prompt_conversation(c) for c in conversations])
     outputs = generate_ids(loaded.model, prompts, stop_token_ids=loaded.stop_token_ids,
                            pad_token_id=loaded.pad_token_id, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, seed=seed, batch_size=batch_size, on_batch=on_batch)
+                           top_p=top_p, seed=seed, batch_size=batch_size, on_batch=on_batch, on_step=on_step)
     return [decode_answer(loaded.tokenizer, ids) for ids in outputs]
 
 

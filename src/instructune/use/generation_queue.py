@@ -8,13 +8,20 @@ depend on the batch); sampled ones without a seed when their temperature and top
 sampled request runs alone, so its seed alone fixes its answer (the same answer however busy the
 server is). Requests arriving while a batch runs wait for the next one (no joining a running batch).
 
+The queue is bounded: beyond `max_waiting` waiting requests, `submit` raises `QueueFull` (the server
+answers 503 with a Retry-After estimated from how long batches take). A cancelled request (its client went
+away, or it ran out of time) leaves the queue at once if it was waiting, and stops at its batch's next
+token if it was running. `drain` (the server is stopping) refuses what waits and lets the running batch end.
+
 Each token's probability is recorded as it is picked: the softmax of that step's logits after
 temperature (temperature 1 for greedy), before top_p, i.e. what the model gave the token.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +61,10 @@ class Job:
     top_logprobs: int = 0
     cancelled: bool = False
     """Set by the server when the client went away: the worker stops spending steps on it."""
+    deadline: float | None = None
+    """When the server gives up on it (its event loop's clock), or None."""
+    finished: bool = False
+    """Set by the worker once the job has had its last event (or was dropped, cancelled)."""
 
     def batch_key(self) -> tuple | None:
         """Jobs with equal keys may share a batch; None: this job runs alone."""
@@ -62,6 +73,18 @@ class Job:
         if self.seed is not None:
             return None
         return ("sampled", self.temperature, self.top_p)
+
+
+class QueueFull(Exception):
+    """The queue holds `max_waiting` requests already; `retry_after` (seconds) is when room is likely."""
+
+    def __init__(self, waiting: int, retry_after: int):
+        super().__init__(f"the server is busy: {waiting} request(s) are waiting already")
+        self.waiting, self.retry_after = waiting, retry_after
+
+
+class QueueClosed(Exception):
+    """The server is shutting down and takes no more requests."""
 
 
 class _Scorer:
@@ -87,13 +110,20 @@ class _Scorer:
 class GenerationQueue:
     """The worker thread and its queue; `submit` a `Job`, `close` to stop the thread."""
 
-    def __init__(self, loaded, *, batch_size: int = 16):
+    def __init__(self, loaded, *, batch_size: int = 16, max_waiting: int | None = None):
         self.loaded = loaded
         self.batch_size = batch_size
+        self.max_waiting = max_waiting
+        """Most requests waiting for a batch (None: no bound); more are refused with `QueueFull`."""
         loaded.model.eval()  # only this thread runs the model from now on, always for inference
         self.waiting: deque[Job] = deque()
+        self.running: list[Job] = []
+        """The jobs of the batch under way."""
         self.ready = threading.Condition()
         self.closed = False
+        self.draining = False
+        self.batch_seconds = 1.0
+        """How long a batch has been taking (a running mean): what Retry-After is estimated from."""
         self.batches: list[int] = []
         """The size of every batch run so far (how much batching happened)."""
         self.tokenizer_lock = threading.Lock()
@@ -103,10 +133,43 @@ class GenerationQueue:
         self.thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue a job; its pieces go to `job.emit` from the worker thread."""
+        """Queue a job; its pieces go to `job.emit` from the worker thread. `QueueFull` when `max_waiting`
+        jobs wait already, `QueueClosed` once the queue is draining or closed."""
         with self.ready:
+            if self.closed or self.draining:
+                raise QueueClosed("the server is shutting down")
+            if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
+                raise QueueFull(len(self.waiting), self.retry_after())
             self.waiting.append(job)
             self.ready.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Stop answering `job`: out of the queue now if it waits, at its batch's next token if it runs."""
+        job.cancelled = True
+        with self.ready:
+            if job in self.waiting:
+                self.waiting.remove(job)
+                job.finished = True
+
+    def retry_after(self) -> int:
+        """Seconds until a new request is likely to find room: the batches ahead of it, at their recent pace."""
+        ahead = 1 + len(self.waiting) // max(self.batch_size, 1)
+        return max(1, math.ceil(self.batch_seconds * ahead))
+
+    def stats(self) -> dict[str, int | None]:
+        """`waiting` (queued), `running` (unfinished jobs of the batch under way) and `max_waiting`."""
+        with self.ready:
+            return {"waiting": len(self.waiting), "running": sum(not job.finished for job in self.running),
+                    "max_waiting": self.max_waiting}
+
+    def drain(self) -> None:
+        """Take no more jobs, refuse the waiting ones (an error event with status 503), let the running batch end."""
+        with self.ready:
+            self.draining = True
+            refused, self.waiting = list(self.waiting), deque()
+        for job in refused:
+            job.finished = True
+            job.emit(("error", "the server is shutting down", 503))
 
     def close(self) -> None:
         """Stop the worker once its current batch ends; jobs still waiting get an error."""
@@ -115,7 +178,7 @@ class GenerationQueue:
             self.ready.notify()
         self.thread.join(timeout=60)
         for job in self.waiting:
-            job.emit(("error", "the server is shutting down"))
+            job.emit(("error", "the server is shutting down", 503))
 
     def _next_batch(self) -> list[Job]:
         """The oldest waiting job and the waiting jobs that can join it (blocks until there is one)."""
@@ -125,6 +188,8 @@ class GenerationQueue:
             if self.closed:
                 return []
             first = self.waiting.popleft()
+            while first.cancelled and self.waiting:
+                first = self.waiting.popleft()
             batch, key = [first], first.batch_key()
             if key is not None:
                 for job in list(self.waiting):
@@ -133,6 +198,7 @@ class GenerationQueue:
                     if job.batch_key() == key:
                         self.waiting.remove(job)
                         batch.append(job)
+            self.running = [job for job in batch if not job.cancelled]
             return batch
 
     def _work(self) -> None:
@@ -143,11 +209,16 @@ class GenerationQueue:
             if not batch:
                 continue
             self.batches.append(len(batch))
+            started = time.monotonic()
             try:
                 self._run(batch)
             except Exception as error:  # a failed batch fails its requests, not the server
                 for job in batch:
                     job.emit(("error", f"generation failed: {type(error).__name__}: {error}"))
+            finally:
+                for job in batch:
+                    job.finished = True
+                self.batch_seconds = 0.7 * self.batch_seconds + 0.3 * (time.monotonic() - started)
 
     def _run(self, batch: list[Job]) -> None:
         loaded = self.loaded
@@ -200,6 +271,7 @@ class GenerationQueue:
             job.emit(("piece", piece))
 
     def _finish(self, job: Job, text: AnswerText, reason: str) -> None:
+        job.finished = True
         if reason == "cancelled":
             return
         self._emit(job, text.finish())

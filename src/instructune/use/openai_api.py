@@ -34,9 +34,11 @@ class ApiError(Exception):
     """A refused request: the HTTP status and OpenAI's error fields."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+        """Extra response headers (`Retry-After` on a 503)."""
 
     def body(self) -> dict[str, Any]:
         """The JSON body OpenAI's clients read the error from."""

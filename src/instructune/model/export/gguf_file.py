@@ -6,6 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from instructune.disk import disk_full_error, is_disk_full
 from instructune.errors import UserError
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -41,12 +42,31 @@ def export_gguf(spec: str, out: str | os.PathLike[str], *, kind: str = "f16", ov
     os.close(handle)
     try:
         _write(model, tokenizer, Path(tmp), kind, name=Path(str(spec)).name or "model")
+        # mkstemp makes the file private (0600); the export is an ordinary file, as the checkpoints are.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as error:
+        if is_disk_full(error):
+            raise disk_full_error(path, export_bytes(model, kind)) from None
         raise UserError(f"cannot write {out}: {error.strerror or error}") from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)  # a failed export leaves nothing, under its name or another
     return path
+
+
+def export_bytes(model, kind: str) -> int:
+    """About how big the GGUF file of `model` will be: its weights at `kind`'s bytes per weight (q8_0 keeps
+    a 2-byte scale per block of 32), plus a few MB of vocabulary and metadata."""
+    per_weight = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}[kind]
+    weights = sum(p.numel() for p in model.state_dict().values())
+    return int(weights * per_weight) + 5_000_000
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _load(spec: str):
