@@ -24,4 +24,17 @@ fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
 fi
+# llama-cpp-python (the default model's package needs it; GGUF export is checked in it) is compiled on
+# install. Compiled for the CPU at hand it uses AMX tile instructions on Xeons that have them, which some
+# virtual machines do not enable: the first matrix product then dies with SIGILL, taking the whole
+# process (and a test run) with it. So it is built for AVX2, which every x86-64 machine we run on has,
+# once, without pip's cache of an earlier native build.
+if [ "$(uname -m)" = "x86_64" ] && ! .venv/bin/python -c "
+import sys, llama_cpp
+sys.exit('AMX' in llama_cpp.llama_print_system_info().decode())" >/dev/null 2>&1; then
+    echo "building llama-cpp-python for AVX2 (a few minutes, once) ..."
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
+        .venv/bin/pip install --quiet --disable-pip-version-check --no-cache-dir --force-reinstall --no-deps \
+        "llama-cpp-python==0.3.36"
+fi
 .venv/bin/pip install --quiet --disable-pip-version-check -e ".[${extras}]"
