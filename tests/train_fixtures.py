@@ -54,3 +54,17 @@ def train_records(output_dir: Path) -> list[dict]:
 
     return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")}
             for r in read_metrics(output_dir)]
+
+
+def rank_pids(parent: int) -> dict[int, int]:
+    """{rank: pid} of the torchrun worker processes whose parent is `parent` (read from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                for variable in (entry / "environ").read_bytes().split(b"\0"):
+                    if variable.startswith(b"RANK="):
+                        found[int(variable[5:])] = int(entry.name)
+        except OSError:  # the process has just ended
+            continue
+    return found

@@ -28,7 +28,7 @@ from instructune.train.distributed import rank_share, without_targets
 from instructune.train.loop import fit, setup_run, train
 from instructune.train.loss import masked_lm_loss
 from instructune.train.metrics import read_metrics
-from train_fixtures import train_records, write_tiny_model, write_toy_data
+from train_fixtures import rank_pids, train_records, write_tiny_model, write_toy_data
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -189,20 +189,6 @@ def test_fsdp_resumes_a_one_process_checkpoint_on_two_ranks_and_matches_it(work,
 # ---------------------------------------------------------------------------------------------------
 # Failures end the job
 
-def _rank_pids(parent: int) -> dict[int, int]:
-    """{rank: pid} of torchrun's worker processes."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                for variable in (entry / "environ").read_bytes().split(b"\0"):
-                    if variable.startswith(b"RANK="):
-                        found[int(variable[5:])] = int(entry.name)
-        except OSError:  # the process has just ended
-            continue
-    return found
-
-
 def _start(root: Path, log: Path, *overrides: str) -> subprocess.Popen:
     with log.open("w") as out:
         return subprocess.Popen(_torchrun(root, *overrides), env=_env(root), stdout=out, stderr=subprocess.STDOUT,
@@ -228,7 +214,7 @@ def test_a_killed_rank_ends_the_job_with_an_error(work, tmp_path):
     proc = _start(root, log, f"output_dir={tmp_path / 'run'}", "max_steps=100000", "eval_every=0", "save_every=0")
     try:
         _wait_for(_steps_done(tmp_path / "run", 2), proc, log, 120, "two steps")
-        os.kill(_rank_pids(proc.pid)[1], signal.SIGKILL)
+        os.kill(rank_pids(proc.pid)[1], signal.SIGKILL)
         killed = time.monotonic()
         assert proc.wait(timeout=60) != 0
         assert time.monotonic() - killed < 30
@@ -249,7 +235,7 @@ def test_fewer_rows_than_ranks_trains_and_a_stuck_rank_times_out(work, tmp_path)
     try:
         # One row for two ranks: rank 1's share of every step is empty, and the steps go on.
         _wait_for(_steps_done(tmp_path / "run", 3), proc, log, 120, "three steps")
-        pids = _rank_pids(proc.pid)
+        pids = rank_pids(proc.pid)
         os.kill(pids[1], signal.SIGSTOP)  # hangs without dying: only the timeout can notice
         stopped = time.monotonic()
         _wait_for(lambda: "Timed out waiting 5000ms" in log.read_text(), proc, log, 60, "timeout")

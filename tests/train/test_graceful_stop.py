@@ -21,7 +21,7 @@ from instructune.train.config import load_config
 from instructune.train.loop import train
 from instructune.train.metrics import read_metrics
 from instructune.train.stopping import STOPPED_EXIT_STATUS, resume_command
-from train_fixtures import quick_settings, train_records, write_tiny_model, write_toy_data
+from train_fixtures import quick_settings, rank_pids, train_records, write_tiny_model, write_toy_data
 
 needs_posix_signals = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -142,19 +142,6 @@ def test_the_resume_hint_repeats_the_command_with_resume_true():
 # ---------------------------------------------------------------------------------------------------
 # torchrun: the ranks agree through the step's all-reduce
 
-def _rank_pids(parent: int) -> dict[int, int]:
-    found = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                for variable in (entry / "environ").read_bytes().split(b"\0"):
-                    if variable.startswith(b"RANK="):
-                        found[int(variable[5:])] = int(entry.name)
-        except OSError:
-            continue
-    return found
-
-
 @pytest.mark.skipif(sys.platform != "linux" or not (dist.is_available() and dist.is_gloo_available()),
                     reason="torchrun with gloo; finds the ranks through /proc")
 def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny, tmp_path):
@@ -171,7 +158,7 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(t
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_until(lambda: _train_steps(run) >= 3, proc)
-        os.kill(_rank_pids(proc.pid)[1], signal.SIGTERM)  # only rank 1 hears it: rank 0 learns it in the all-reduce
+        os.kill(rank_pids(proc.pid)[1], signal.SIGTERM)  # only rank 1 hears it: rank 0 learns it in the all-reduce
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:

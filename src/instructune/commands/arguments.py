@@ -188,3 +188,18 @@ def progress_display():
         return LineProgress()
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=True)
+
+
+def encode_data_argument(args: argparse.Namespace, options: EncodingOptions):
+    """DATA (a file, folder or Hub dataset) encoded with `--tokenizer` and the encoding flags: the path
+    `inspect` and `prepare` share when DATA is not a training config. Returns (prepared rows, tokenizer)."""
+    from instructune.api import encode, options_as_keywords
+    from instructune.model.load import load_tokenizer
+
+    if not args.tokenizer:
+        raise UserError("--tokenizer is required (a Hub id, a local folder or a .gguf file), unless DATA is a "
+                        "training config")
+    tokenizer = load_tokenizer(args.tokenizer, trust_remote_code=getattr(args, "trust_remote_code", False))
+    prepared = encode(args.data, tokenizer, **options_as_keywords(options), num_proc=args.num_proc,
+                      cache=not args.no_cache)
+    return prepared, tokenizer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from instructune.commands.arguments import add_encoding_arguments, encoding_options
+from instructune.commands.arguments import add_encoding_arguments, encode_data_argument, encoding_options
 from instructune.errors import UserError
 
 HELP = "encode a dataset and show which tokens are trained"
@@ -33,10 +33,8 @@ def run(args: argparse.Namespace) -> int:
     """Prepare `args.data`, print the first `--limit` rows and the summary, write `--html`/`--jsonl`."""
     from rich.console import Console
 
-    from instructune.api import encode, options_as_keywords
     from instructune.data.prepare import nothing_kept
     from instructune.data.templates import check_template_choice
-    from instructune.model.load import load_tokenizer
     from instructune.show.html import write_html
     from instructune.show.jsonl import write_jsonl
     from instructune.show.mixture import sources_tables
@@ -56,12 +54,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer, args.tokenizer = prepared.tokenizer, prepared.tokenizer_name
         tables = sources_tables(prepared.mixture.sources) if prepared.mixture is not None else []
     else:
-        if not args.tokenizer:
-            raise UserError("--tokenizer is required (a Hub id, a local folder or a .gguf file), unless DATA is a "
-                            "training config")
-        tokenizer = load_tokenizer(args.tokenizer, trust_remote_code=getattr(args, "trust_remote_code", False))
-        prepared = encode(args.data, tokenizer, **options_as_keywords(options), num_proc=args.num_proc,
-                          cache=not args.no_cache)
+        prepared, tokenizer = encode_data_argument(args, options)
     views = [row_view(row, tokenizer) for row in prepared.rows[:args.limit]]
 
     console = Console(highlight=False)

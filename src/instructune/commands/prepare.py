@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from instructune.commands.arguments import add_encoding_arguments, encoding_options
-from instructune.errors import UserError
+from instructune.commands.arguments import add_encoding_arguments, encode_data_argument, encoding_options
 
 HELP = "encode a dataset with its masks and write it as a dataset folder (for TRL, Trainer, ...)"
 EXAMPLES = (
@@ -39,11 +38,10 @@ def run(args: argparse.Namespace) -> int:
     """Prepare `args.data`, print the summary, and write the rows and the summary to `--output`."""
     from rich.console import Console
 
-    from instructune.api import encode, options_as_keywords, save_prepared
+    from instructune.api import save_prepared
     from instructune.commands.inspect import is_config, refuse_encoding_flags
     from instructune.data.prepare import PreparedDataset
     from instructune.data.templates import check_template_choice
-    from instructune.model.load import load_tokenizer
     from instructune.show.prepared_folder import check_output_folder
     from instructune.show.summary import render_summary
     from instructune.train.training_data import rows_of_config
@@ -58,12 +56,7 @@ def run(args: argparse.Namespace) -> int:
         prepared = PreparedDataset(rows=found.rows, report=found.report, template=found.template,
                                    tokenizer=found.tokenizer, options=found.options)
     else:
-        if not args.tokenizer:
-            raise UserError("--tokenizer is required (a Hub id, a local folder or a .gguf file), unless DATA is a "
-                            "training config")
-        tokenizer = load_tokenizer(args.tokenizer, trust_remote_code=getattr(args, "trust_remote_code", False))
-        prepared = encode(args.data, tokenizer, **options_as_keywords(options), num_proc=args.num_proc,
-                          cache=not args.no_cache)
+        prepared, tokenizer = encode_data_argument(args, options)
     console = Console(highlight=False)
     if is_config(args.data) and found.mixture is not None:
         from instructune.show.mixture import sources_tables
