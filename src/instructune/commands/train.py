@@ -40,13 +40,14 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
+    from instructune.api import train
     from instructune.train.config import load_config
     from instructune.train.distributed import is_main_process
-    from instructune.train.loop import train
 
+    # The overrides are text (`lr=1e-4`), read as the YAML file's values are, with its errors; the run is the API's.
     config = load_config(config_path, overrides)
+    result = train(config, name=Path(config_path).stem)
     console = Console(highlight=False, soft_wrap=True, quiet=not is_main_process())  # under torchrun: rank 0
-    result = train(config, name=Path(config_path).stem, console=console)
     if result.last_loss is not None:
         console.print(f"final training loss {result.last_loss:.4f}", markup=False)
     if result.eval_metrics:
