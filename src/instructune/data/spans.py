@@ -31,7 +31,8 @@ REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 the order the renderer reads them (it fills `reasoning_content` and `thinking` from the first one)."""
 
 _PLACEHOLDER = "ZqPH{}QZ"  # ASCII and word-like: survives trim, strip, split, tojson and lstrip('\n')
-_PLACEHOLDER_RE = re.compile(r"ZqPH(\d+)QZ", re.I)  # a template may change its case
+_PLACEHOLDER_RE = re.compile(r"ZqPH(\d+)QZ")
+_PLACEHOLDER_ANY_CASE = re.compile(r"ZqPH(\d+)QZ", re.I)  # a template that upper-cases content changes it too
 _INLINE_THINK = re.compile(r"(\s*<think>)(.*?)(</think>)", re.S)  # reasoning written into the content
 _ANCHOR_TAIL = 32  # characters of template text before a field that must precede it in a search
 
@@ -124,13 +125,18 @@ class Alignment:
         self.full = full
         self.placeholder_render = placeholder_render
         self.fields = fields
+        self._of: dict[int, list[Field]] = {}  # answers of `of` and `bounds`, per message
+        self._bounds: dict[int, tuple[int, int]] = {}
         self.shape_key: str | None = None
         """The encoder's key for conversations of this shape (they share one placeholder render)."""
         parts = _PLACEHOLDER_RE.split(placeholder_render)
+        if len(parts) // 2 < placeholder_render.lower().count("zqph"):  # (the exact pattern is much faster)
+            parts = _PLACEHOLDER_ANY_CASE.split(placeholder_render)
         self.segments = parts[0::2]
         self.order = [int(i) for i in parts[1::2]]
         # Text that looks like a placeholder in the data itself would be mistaken for one: find nothing.
-        self.valid = all(0 <= i < len(fields) for i in self.order) and not _PLACEHOLDER_RE.search(full)
+        self.valid = all(0 <= i < len(fields) for i in self.order) and (
+            "zqph" not in full.lower() or not _PLACEHOLDER_ANY_CASE.search(full))
         self._p_starts: list[int] = []  # segment starts in the placeholder render ...
         self._f_starts: list[int] = []  # ... and the same segments' starts in the full render
         self.exact = self.valid and self._align_exactly()
@@ -240,9 +246,12 @@ class Alignment:
         return None
 
     def of(self, message: int) -> list[Field]:
-        """The found fields of message `message`, in render order."""
-        found = [f for f in self.fields if f.message == message and f.start is not None]
-        return sorted(found, key=lambda f: f.start)
+        """The found fields of message `message`, in render order (a new list each time)."""
+        found = self._of.get(message)
+        if found is None:  # positions are final once the alignment is made: each message is sorted once
+            found = self._of[message] = sorted((f for f in self.fields if f.message == message and f.start is not None),
+                                               key=lambda f: f.start)
+        return list(found)
 
     def missing(self, message: int, kinds: tuple[str, ...] = ("content", "reasoning")) -> list[Field]:
         """Fields of `message` (of the given kinds, non-empty) that the full render does not hold exactly once."""
@@ -253,6 +262,12 @@ class Alignment:
         """The full-render characters around message `message`: from the end of the last other field
         before its own fields to the start of the first other field after them (by position, as a
         template may write messages out of order; by message order for a message without fields)."""
+        known = self._bounds.get(message)
+        if known is None:
+            known = self._bounds[message] = self._bounds_of(message)
+        return known
+
+    def _bounds_of(self, message: int) -> tuple[int, int]:
         own = self.of(message)
         others = [f for f in self.fields if f.message != message and f.start is not None]
         if own:

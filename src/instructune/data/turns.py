@@ -164,28 +164,32 @@ class TurnSpans:
                             k: int) -> str | None:
         """What the template writes after message k's last field when k is the last message (from a
         placeholder render of the messages up to k, kept per conversation shape); None if it cannot."""
-        return self._tail(conv, alignment, placeholders[: k + 1], k, "last")
+        return self._tail(conv, alignment, k, "last", lambda: placeholders[: k + 1])
 
     def _text_after_when_followed(self, conv: Conversation, alignment: Alignment, placeholders: list[dict],
                                   k: int) -> str | None:
         """What the template writes after the last message k's last field when one more (user) message
         follows, up to that message's text; None if it cannot tell."""
         extra = placeholder_text(len(alignment.fields))
-        tail = self._tail(conv, alignment, [*placeholders, {"role": "user", "content": extra}], k, "followed")
-        return tail[: tail.index(extra)] if tail is not None and extra in tail else None
+        return self._tail(conv, alignment, k, "followed",
+                          lambda: [*placeholders, {"role": "user", "content": extra}], until=extra)
 
-    def _tail(self, conv: Conversation, alignment: Alignment, messages: list[dict], k: int, kind: str) -> str | None:
-        """The text after message k's last field in a placeholder render of `messages` (kept per
-        conversation shape: the render holds template text and placeholders only)."""
+    def _tail(self, conv: Conversation, alignment: Alignment, k: int, kind: str, messages, until: str = "",
+              ) -> str | None:
+        """The text after message k's last field in a placeholder render of `messages()` (up to `until`
+        when given: None if it is not there), kept per conversation shape: the render holds template
+        text and placeholders only."""
         key = (alignment.shape_key, k, kind) if alignment.shape_key is not None else None
         if key is not None and key in self._tails:
             return self._tails[key]
         try:
-            rendered = self.render(conv, messages=messages)[0]
+            rendered = self.render(conv, messages=messages())[0]
         except Exception:  # a template that refuses this conversation: the hints decide
             tail = None
         else:
             tail = text_after_message(rendered, alignment.fields, k)
+        if tail is not None and until:
+            tail = tail[: tail.index(until)] if until in tail else None
         if key is not None:
             self._tails[key] = tail
         return tail
