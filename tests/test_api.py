@@ -49,7 +49,8 @@ SIGNATURES = {
                 "None, device: 'str | None' = 'auto', **options: 'Any') -> 'EvalResult'",
     "generate": "(model: 'Any', prompts: 'Any', *, system: 'str | None' = None, max_new_tokens: 'int' = 256, "
                 "temperature: 'float' = 0.0, top_p: 'float' = 1.0, seed: 'int | None' = None, batch_size: 'int' = "
-                "8, template: 'str | None' = None, device: 'str | None' = 'auto') -> 'str | list[str]'",
+                "8, template: 'str | None' = None, device: 'str | None' = 'auto', progress: 'Any' = None) -> "
+                "'str | list[str]'",
     "export_gguf": "(checkpoint: 'str | os.PathLike', output: 'str | os.PathLike', *, kind: 'str' = 'f16', "
                    "overwrite: 'bool' = False) -> 'Path'",
 }

@@ -354,13 +354,15 @@ def generate(model: Any, prompts: Sequence[str | Mapping | Conversation], **kwar
 
 def generate(model: Any, prompts: Any, *, system: str | None = None, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, batch_size: int = 8,
-             template: str | None = None, device: str | None = "auto") -> str | list[str]:
+             template: str | None = None, device: str | None = "auto", progress: Any = None) -> str | list[str]:
     """Answer prompts with `model` (a `load` result or a spec to load): greedy by default, stopping at the
     template's end-of-turn token, as `instructune generate` does.
 
     A prompt is a string (one user turn), a record in any dataset format (`prompt`, `instruction`,
     `messages`, ...; a trailing assistant turn is left out) or a `Conversation`. One prompt gives one
     answer; a list gives a list, in order. `system` is the system prompt of prompts that have none.
+    `progress` takes a `rich.progress.Progress` to advance (the command line's); by default a bar is shown
+    where a notebook runs the code.
 
     Examples:
         >>> generate(model, ["Which is the largest ocean?", {"instruction": "Name a primary colour."}])  # doctest: +SKIP
@@ -391,7 +393,7 @@ def generate(model: Any, prompts: Any, *, system: str | None = None, max_new_tok
     if not conversations:
         return []
     loaded = _loaded(model, template, device)
-    with _progress() as bars:
+    with _progress(progress) as bars:
         task = bars.add_task("generating", total=len(conversations)) if bars is not None else None
         answers = answer_conversations(loaded, conversations, max_new_tokens=max_new_tokens,
                                        temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,

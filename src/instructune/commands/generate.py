@@ -49,9 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Answer every prompt of `args.input` (a file, or `-` for stdin) and write JSONL to `--output` or stdout."""
+    from instructune.api import generate
     from instructune.data.conversation import ConversationError
     from instructune.show.jsonl import atomic_writer
-    from instructune.use.generation import answer_conversations, check_sampling
+    from instructune.use.generation import check_sampling
     from instructune.use.loading import load_for_inference
     from instructune.use.prompts import read_prompts, record_conversation
 
@@ -77,10 +78,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_for_inference(args.model, template=args.template, device=args.device,
                                 trust_remote_code=args.trust_remote_code)
     with progress_display() as bars:
-        task = bars.add_task("generating", total=len(conversations))
-        responses = answer_conversations(loaded, conversations, max_new_tokens=args.max_new_tokens,
-                                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                         batch_size=args.batch_size, on_batch=lambda n: bars.advance(task, n))
+        responses = generate(loaded, conversations, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, progress=bars)
     lines_out = [json.dumps({**record, "response": response}, ensure_ascii=False) + "\n"
                  for record, response in zip(records, responses)]
     if args.output:
