@@ -29,23 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def matmul_gflops() -> float:
-    """The best fp32 matmul rate of this machine: a 2048x2048 square product, best of 10 (as train_bench.py)."""
-    import torch
-
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    out = torch.empty(2048, 2048)
-    for _ in range(3):
-        torch.mm(a, b, out=out)
-    best = min(_timed(lambda: torch.mm(a, b, out=out)) for _ in range(10))
-    return 2 * 2048 ** 3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_bench import _timed, child_peak  # noqa: E402  (one matmul probe and timer for every benchmark)
 
 
 def _load() -> str:
@@ -75,7 +60,7 @@ def main() -> int:
     from instructune.use.loading import LoadedModel
 
     print(f"uptime load {_load()}; {torch.get_num_threads()} threads", flush=True)
-    peaks = [matmul_gflops()]
+    peaks = [child_peak()["gflops"]]
     print(f"fp32 matmul {peaks[0]:.0f} GFLOP/s", flush=True)
     parts: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,7 +98,7 @@ def main() -> int:
             # Steps 2..N: the first one also warms up (allocations, OpenMP's threads).
             rate = (steps[-1]["tokens"] - steps[0]["tokens"]) / (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"])
             parts[f"training: 57 steps at {rate:.0f} tokens/s (steps 2-{args.train_steps})"] = [job_tokens / rate]
-    peaks.append(matmul_gflops())
+    peaks.append(child_peak()["gflops"])
     peak = max(peaks)
     scale = peak / args.target_gflops
     print(f"\nuptime load {_load()}; fp32 matmul {', '.join(f'{p:.0f}' for p in peaks)} GFLOP/s: best {peak:.0f}")

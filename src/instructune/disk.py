@@ -15,8 +15,6 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -81,19 +79,6 @@ def disk_full_error(path: str | os.PathLike, needed: int | None = None, *, writt
                     hint: str = "") -> UserError:
     """The `UserError` of a write to `path` that found the disk full (see `disk_full_message`)."""
     return UserError(disk_full_message(path, needed, written=written, hint=hint))
-
-
-@contextmanager
-def reporting_disk_full(path: str | os.PathLike, needed: int | None = None, *, hint: str = "") -> Iterator[None]:
-    """Turn a full disk inside the block into one `UserError` naming `path`; other errors pass unchanged."""
-    try:
-        yield
-    except UserError:
-        raise
-    except Exception as error:
-        if is_disk_full(error):
-            raise disk_full_error(path, needed, hint=hint) from None
-        raise
 
 
 class RecordingFile:

@@ -96,7 +96,7 @@ def _rows(family, sample, markers_special, **options):
 def test_the_table_covers_every_fixture():
     assert sorted(CLOSING) == sorted(CASES)
     # The point of the issue: these closing markers are on no list of known names.
-    for family in ("exaone-3.5", "openchat-3.5", "seed-oss", "nemotron-nano-v2", "end-line"):
+    for family in UNLISTED:
         assert not set(CLOSING[family]) & set(END_OF_TURN_MARKERS), family
 
 
@@ -158,7 +158,10 @@ def test_train_on_eos_acts_on_derived_markers(family, markers_special):
     assert all(closed["turn"]) and len(closed["turn"]) == turns > 1
     assert not any(closed["none"]) and not any(marker in t for t in texts["none"])
     assert closed["last"] == [False] * (turns - 1) + [True]
-    assert "".join(texts["all"]).count(marker) >= "".join(texts["turn"]).count(marker)
+    # `all` trains every turn `turn` does, and every other closing marker of the row besides.
+    everything = "".join(texts["all"])
+    assert all(t in everything for t in texts["turn"])
+    assert everything.count(marker) >= "".join(texts["turn"]).count(marker)
 
 
 def test_all_trains_the_closing_marker_of_user_turns_too():

@@ -159,12 +159,12 @@ def test_relative_paths_in_a_config_file_are_read_from_its_folder(tmp_path, monk
     (folder / "data").mkdir(parents=True)
     for name in ("train.jsonl", "eval.jsonl", "chat.jinja"):
         (folder / "data" / name).write_text("")
-    (tmp_path / "project" / "shared.jsonl").write_text("")
-    (folder / "run.yaml").write_text("data: data/train.jsonl\neval_data: ../shared.jsonl\ntemplate: data/chat.jinja\n")
+    (tmp_path / "project" / "common.jsonl").write_text("")
+    (folder / "run.yaml").write_text("data: data/train.jsonl\neval_data: ../common.jsonl\ntemplate: data/chat.jinja\n")
     monkeypatch.chdir(tmp_path)  # elsewhere: the paths still point into the config's folder
     config = load_config(folder / "run.yaml")
     assert Path(config.data) == folder / "data" / "train.jsonl"
-    assert Path(config.eval_data) == tmp_path / "project" / "shared.jsonl"
+    assert Path(config.eval_data) == tmp_path / "project" / "common.jsonl"
     assert Path(config.template) == folder / "data" / "chat.jinja"
     # From the command line, relative paths are the current folder's, as any command's.
     config = load_config(folder / "run.yaml", ["data=data/train.jsonl", "template=chatml"])

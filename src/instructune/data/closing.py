@@ -25,7 +25,8 @@ import re
 
 from instructune.data.conversation import Conversation, Message
 
-__all__ = ["closing_text", "hint_closing", "probe_closing_markers", "special_strings_re", "unsplit"]
+__all__ = ["closing_text", "hint_closing", "message_opening", "probe_closing_markers", "special_strings_re",
+           "unsplit"]
 
 
 def special_strings_re(strings) -> re.Pattern | None:
@@ -110,6 +111,14 @@ def _without_opening(marker: str, opening: str, atoms: re.Pattern | None) -> str
         if atoms.match(marker, start) and opening.startswith(marker[start:]):
             return marker[:start].rstrip()
     return marker
+
+
+def message_opening(before_first_field: str, bos: str | None) -> str:
+    """What opens a message: the template text a render writes before its first field, less the BOS and
+    leading whitespace (`<|im_start|>user\n`)."""
+    if bos and before_first_field.startswith(bos):
+        before_first_field = before_first_field[len(bos):]
+    return before_first_field.lstrip()
 
 
 def hint_closing(following: str, hints: re.Pattern | None) -> tuple[int, int] | None:

@@ -24,7 +24,7 @@ from dataclasses import replace
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from instructune import IGNORE_INDEX
-from instructune.data.closing import probe_closing_markers, special_strings_re
+from instructune.data.closing import message_opening, probe_closing_markers, special_strings_re
 from instructune.data.conversation import Conversation, Message
 from instructune.data.encoded import ROLE_CODE, EncodedRow
 from instructune.data.options import DEFAULT_ENCODING, EncodingOptions
@@ -47,6 +47,7 @@ _PLACEHOLDER_RENDERS_KEPT = 512  # shapes of conversation whose placeholder rend
 # Jinja that can reach a message's keys without naming them (filters over a whole dict, dict methods).
 _GENERIC_ACCESS = re.compile(r"\|\s*(?:tojson|string|pprint|dictsort|xmlattr|list)\b|\.(?:items|keys|values)\s*\(")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_NEVER = re.compile("(?!)")  # matches nothing: a template without any closing marker
 _MARKER_SHAPE = re.compile(r"<\|[^<>|\s]{1,40}\|>|<｜[^<>｜]{1,40}｜>|</?[A-Za-z_][\w:.\-]{0,40}>|\[\|?/?[A-Za-z_]{2,30}\|?\]")
 SYSTEM_HINT = ("the template rejects the system message: set `system_role: merge` (--system-role merge) "
                "to fold it into the first user turn, or `system_role: drop`")
@@ -92,10 +93,9 @@ class ConversationEncoder(TurnSpans):
         self._closings: dict[tuple[str, str, str], str | None] = {}
         self.generation_prompt = self._probe_generation_prompt()
         self.message_opening = self._probe_message_opening()
-        self._closing_re = special_strings_re(hints) or re.compile("(?!)")  # the hints alone, for the probe
-        # Longest first, so that a marker that contains another one wins at the same position.
+        self._closing_re = special_strings_re(hints) or _NEVER  # the hints alone, for the probe
         self.closing_markers = sorted({*hints, *probe_closing_markers(self)}, key=len, reverse=True)
-        self._closing_re = re.compile("|".join(re.escape(m) for m in self.closing_markers) or "(?!)")
+        self._closing_re = special_strings_re(self.closing_markers) or _NEVER  # longest first: `<|end|>` vs `<|end|>\n</s>`
         missing = [m for m in self.closing_markers if m in template_text and m not in vocab]
         self.marker_note = (
             f"closing markers not in the vocabulary ({', '.join(missing)}): a marker's last token may merge "
@@ -171,11 +171,7 @@ class ConversationEncoder(TurnSpans):
             rendered = self.render(probe)[0]
         except Exception:
             return ""
-        opening = rendered[: max(rendered.find(placeholder_text(0)), 0)]
-        bos = self.tokenizer.bos_token
-        if bos and opening.startswith(bos):
-            opening = opening[len(bos):]
-        return opening.lstrip()
+        return message_opening(rendered[: max(rendered.find(placeholder_text(0)), 0)], self.tokenizer.bos_token)
 
     # -- the public entry points -------------------------------------------------------------------
 

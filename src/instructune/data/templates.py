@@ -241,9 +241,7 @@ def end_of_turn_token_ids(tokenizer, template_text: str) -> list[int]:
         derived = ConversationEncoder(tokenizer, template_text).closing_markers
     except Exception:  # a template the probes cannot render: the known markers below still apply
         derived = []
-    for marker in [*derived, *END_OF_TURN_MARKERS]:
-        if marker in template_text and marker in vocab and vocab[marker] not in ids:
-            ids.append(vocab[marker])
-        elif marker in derived and marker in vocab and vocab[marker] not in ids:
+    for marker in [*derived, *(m for m in END_OF_TURN_MARKERS if m in template_text)]:
+        if marker in vocab and vocab[marker] not in ids:
             ids.append(vocab[marker])
     return ids

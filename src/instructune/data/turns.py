@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from itertools import compress
 from operator import le
 
-from instructune.data.closing import closing_text, hint_closing
+from instructune.data.closing import closing_text, hint_closing, message_opening
 from instructune.data.conversation import Conversation, Message
 from instructune.data.encoded import ROLE_CODE
 from instructune.data.spans import Alignment, placeholder_text, text_after_message
@@ -156,9 +156,7 @@ class TurnSpans:
 
     def _row_opening(self, alignment: Alignment) -> str:
         """What this row's render writes before its first field, less the BOS: how a message opens."""
-        opening = alignment.segments[0] if alignment.segments else ""
-        bos = self.tokenizer.bos_token
-        return (opening[len(bos):] if bos and opening.startswith(bos) else opening).lstrip()
+        return message_opening(alignment.segments[0] if alignment.segments else "", self.tokenizer.bos_token)
 
     def _text_after_as_last(self, conv: Conversation, alignment: Alignment, placeholders: list[dict],
                             k: int) -> str | None:
